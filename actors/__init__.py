@@ -1,0 +1,1 @@
+"""Ray actors: thin shells that poll, call ``core`` and write through ``adapters``."""

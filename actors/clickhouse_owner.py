@@ -1,0 +1,55 @@
+"""The one actor that owns the ClickHouse client (chDB allows one process per folder).
+
+Writers and the query API reach ClickHouse through it, with a DSN of ``chdb://`` or
+``http(s)://`` alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from adapters.clickhouse import ClickHouseStore
+from adapters.exceptions import StoreUnavailable
+from core.windows import Partial, WindowKey
+
+OWNER_NAME = "rayline-clickhouse"
+
+
+class ClickHouseOwner:
+    """Actor body: a ClickHouseStore, migrated on start."""
+
+    def __init__(self, dsn: str, database: str) -> None:
+        self._store = ClickHouseStore(dsn, database)
+        self._store.migrate()
+
+    def insert_window_partials(
+        self, window_seconds: int, partials: Mapping[WindowKey, Partial], token: str
+    ) -> int:
+        return self._store.insert_window_partials(window_seconds, partials, token)
+
+    def window_series(
+        self, tenant: str, type_: str, window_seconds: int, from_ms: int, to_ms: int
+    ) -> list[dict[str, Any]]:
+        return self._store.window_series(tenant, type_, window_seconds, from_ms, to_ms)
+
+    def ping(self) -> bool:
+        return self._store.ping()
+
+
+class RemoteWindowSink:
+    """A WindowSink that writes through the owner actor (used inside workers)."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+
+    def write(self, window_seconds: int, partials: Mapping[WindowKey, Partial], token: str) -> int:
+        try:
+            owner = ray.get_actor(OWNER_NAME, namespace=self._namespace)
+            ref: Any = owner.insert_window_partials.remote(window_seconds, partials, token)
+            return int(ray.get(ref))
+        except (RayActorError, ValueError) as exc:
+            raise StoreUnavailable(f"ClickHouse owner actor is unavailable: {exc}") from exc

@@ -1,0 +1,1 @@
+"""One module per external system; driver errors are translated here."""

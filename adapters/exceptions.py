@@ -1,0 +1,17 @@
+"""Errors of the external systems, translated from their drivers at this edge."""
+
+from __future__ import annotations
+
+from core.exceptions import RaylineError
+
+
+class StoreUnavailable(RaylineError):
+    """A store or broker did not answer, or refused the operation."""
+
+
+class Backpressure(RaylineError):
+    """A downstream queue is full; the caller should retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

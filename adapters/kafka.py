@@ -1,0 +1,220 @@
+"""Apache Kafka through confluent-kafka: topics, an awaitable batch producer, consumers.
+
+Driver errors become :class:`~adapters.exceptions.StoreUnavailable` or
+:class:`~adapters.exceptions.Backpressure` here; nothing above this module sees a
+``KafkaException``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from adapters.exceptions import Backpressure, StoreUnavailable
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+
+
+def admin(bootstrap: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": bootstrap})
+
+
+def broker_answers(bootstrap: str, timeout: float = 1.0) -> bool:
+    """True when a broker answers a metadata request within ``timeout`` seconds."""
+    try:
+        return bool(admin(bootstrap).list_topics(timeout=timeout).brokers)
+    except KafkaException:
+        return False
+
+
+def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout: float = 30.0) -> list[str]:
+    """Create the topics that do not exist yet; return the names created.
+
+    A topic that exists with fewer partitions than asked for is grown (Kafka cannot
+    shrink one).
+    """
+    client = admin(bootstrap)
+    try:
+        existing = client.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise StoreUnavailable(f"Kafka at {bootstrap} did not list topics: {exc}") from exc
+    missing = [NewTopic(t.name, t.partitions, 1) for t in topics if t.name not in existing]
+    grow = [
+        t for t in topics if t.name in existing and len(existing[t.name].partitions) < t.partitions
+    ]
+    futures: dict[str, Any] = {}
+    if missing:
+        futures.update(client.create_topics(missing, operation_timeout=timeout))
+    if grow:
+        from confluent_kafka.admin import NewPartitions
+
+        futures.update(
+            client.create_partitions([NewPartitions(t.name, t.partitions) for t in grow])
+        )
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise StoreUnavailable(f"Kafka could not create topic {name!r}: {exc}") from exc
+    return [t.topic for t in missing]
+
+
+def partition_ids(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
+    try:
+        meta = admin(bootstrap).list_topics(topic, timeout=timeout)
+    except KafkaException as exc:
+        raise StoreUnavailable(f"Kafka at {bootstrap} did not describe {topic!r}: {exc}") from exc
+    info = meta.topics.get(topic)
+    if info is None or info.error is not None:
+        raise StoreUnavailable(f"topic {topic!r} does not exist on {bootstrap}; run `rayline up`")
+    return sorted(info.partitions)
+
+
+def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """High watermark of every partition of ``topic``."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "rayline-offsets-probe"})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+            for p in partition_ids(bootstrap, topic, timeout)
+        }
+    except KafkaException as exc:
+        raise StoreUnavailable(f"Kafka did not report offsets of {topic!r}: {exc}") from exc
+    finally:
+        consumer.close()
+
+
+def make_consumer(bootstrap: str, group_id: str, **extra: Any) -> Consumer:
+    """A consumer for explicit assignment: no auto-commit, offsets committed by the caller."""
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.min.bytes": 1,
+        "queued.max.messages.kbytes": 65536,
+    }
+    config.update(extra)
+    return Consumer(config)
+
+
+class _BatchAck:
+    """Counts the delivery reports of one batch and resolves a future on the last one.
+
+    ``on_delivery`` runs in the producer's poll thread; the future is settled in the
+    event loop that awaits it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pending: int) -> None:
+        self._loop = loop
+        self._pending = pending
+        self._error: KafkaError | None = None
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
+        if err is not None and self._error is None:
+            self._error = err
+        self._pending -= 1
+        if self._pending == 0:
+            self._loop.call_soon_threadsafe(self._settle)
+
+    def _settle(self) -> None:
+        if self.done.done():
+            return
+        if self._error is not None:
+            self.done.set_exception(
+                StoreUnavailable(f"Kafka did not acknowledge a record: {self._error}")
+            )
+        else:
+            self.done.set_result(None)
+
+
+class AsyncBatchProducer:
+    """Produces batches and lets asyncio code await the broker's acknowledgement.
+
+    ``send`` enqueues every record of a batch or none of them: when the producer's
+    queue has no room for the whole batch it raises :class:`Backpressure` before
+    enqueuing anything. It returns once the broker acknowledged every record
+    (``acks=all``, idempotent producer), or raises :class:`StoreUnavailable`.
+    """
+
+    def __init__(self, bootstrap: str, *, linger_ms: int, queue_max_messages: int) -> None:
+        self._queue_max = queue_max_messages
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": linger_ms,
+                "compression.type": "lz4",
+                "queue.buffering.max.messages": queue_max_messages,
+                "queue.buffering.max.kbytes": 1024 * 1024,
+                "delivery.timeout.ms": 30_000,
+            }
+        )
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll_loop, name="kafka-poll", daemon=True)
+        self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def queued(self) -> int:
+        return len(self._producer)
+
+    async def send(
+        self, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers]]
+    ) -> None:
+        if not records:
+            return
+        if len(self._producer) + len(records) > self._queue_max:
+            raise Backpressure(
+                f"Kafka producer queue holds {len(self._producer)} records, "
+                f"no room for {len(records)} more",
+                retry_after=1.0,
+            )
+        ack = _BatchAck(asyncio.get_running_loop(), len(records))
+        for key, value, headers in records:
+            self._produce(topic, key, value, headers, ack.on_delivery)
+        await ack.done
+
+    def _produce(
+        self, topic: str, key: bytes | None, value: bytes, headers: Headers, cb: Any
+    ) -> None:
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                self._producer.produce(topic, value, key, headers=headers, on_delivery=cb)
+                return
+            except BufferError:
+                # The byte bound was hit although the count bound had room: wait for
+                # deliveries rather than leave half a batch enqueued.
+                if time.monotonic() > deadline:
+                    raise
+                self._producer.poll(0.01)
+            except KafkaException as exc:
+                raise StoreUnavailable(f"Kafka refused a record for {topic!r}: {exc}") from exc
+
+    def flush(self, timeout: float = 10.0) -> int:
+        return self._producer.flush(timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.flush(timeout)
+        self._closed.set()
+        self._poller.join(timeout=1.0)

@@ -1,0 +1,1 @@
+"""Wiring: settings, the `rayline` command line, the local stack, deployment."""

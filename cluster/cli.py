@@ -1,0 +1,302 @@
+"""The ``rayline`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from cluster.settings import Settings, describe_settings, load_settings
+from core.exceptions import RaylineError
+
+app = typer.Typer(
+    help="Rayline: a real-time analytics pipeline on Ray, Kafka and ClickHouse.\n\n"
+    "Start with `rayline up`, send events to POST /v1/events, read them back from "
+    "GET /v1/metrics/{type}; `rayline demo` does all of that with a live view.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = ctx.obj
+    assert isinstance(settings, Settings)
+    return settings
+
+
+@app.callback()
+def main(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="RAYLINE_CONFIG",
+            help="YAML settings file. Environment variables (RAYLINE_...) override it.",
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = load_settings(config)
+
+
+def _say(message: str) -> None:
+    console.print(f"[dim]·[/dim] {message}")
+
+
+def _stack(settings: Settings) -> Any:
+    from cluster.stack import LocalStack
+
+    return LocalStack(settings, _say)
+
+
+def _bring_up(settings: Settings) -> None:
+    from cluster.deploy import connected, deploy
+
+    _stack(settings).up()
+    if settings.ray.managed or settings.ray.address:
+        with connected(settings):
+            deploy(settings, _say)
+
+
+@app.command()
+def up(ctx: typer.Context) -> None:
+    """Start the local stack (Kafka, PostgreSQL, Redis, Ray) and deploy the pipeline.
+
+    Safe to run again: running services and deployed apps are kept. The first run
+    downloads the Kafka jars from Maven Central into the cache folder.
+    """
+    settings = _settings(ctx)
+    _bring_up(settings)
+    _print_status(settings)
+
+
+@app.command()
+def down(ctx: typer.Context) -> None:
+    """Stop everything `up` started, by PID, and check that nothing still listens."""
+    stack = _stack(_settings(ctx))
+    stopped = stack.down()
+    console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    left = stack.listening_ports()
+    if left:
+        err.print(f"[red]still listening on ports {left}[/red]: find the owner with `ss -ltnp`")
+        raise typer.Exit(1)
+
+
+def _status_data(settings: Settings) -> dict[str, Any]:
+    from cluster.deploy import connected, pipeline_status
+
+    stack = _stack(settings)
+    services = [
+        {"name": s.name, "state": s.state, "ports": list(s.ports), "pid": s.pid}
+        for s in stack.status()
+    ]
+    pipeline = None
+    ray_running = any(s["name"] == "ray" and s["state"] == "running" for s in services)
+    if ray_running:
+        with connected(settings):
+            pipeline = pipeline_status(settings)
+    return {"services": services, "pipeline": pipeline}
+
+
+def _print_status(settings: Settings) -> None:
+    data = _status_data(settings)
+    table = Table(title="services")
+    for column in ("service", "state", "ports", "pid"):
+        table.add_column(column)
+    for s in data["services"]:
+        style = "green" if s["state"] == "running" else "red"
+        table.add_row(
+            s["name"],
+            f"[{style}]{s['state']}[/{style}]",
+            ", ".join(map(str, s["ports"])),
+            str(s["pid"] or "-"),
+        )
+    console.print(table)
+    pipeline = data["pipeline"]
+    if pipeline is None:
+        console.print("pipeline: not deployed (run `rayline up`)")
+        return
+    workers = Table(title=f"pipeline: topic {pipeline['topic']}, epoch {pipeline['epoch']}")
+    for column in (
+        "worker",
+        "alive",
+        "partitions",
+        "processed",
+        "lag",
+        "dead-lettered",
+        "last error",
+    ):
+        workers.add_column(column)
+    for w in pipeline["workers"]:
+        workers.add_row(
+            str(w["worker"]),
+            "yes" if w.get("alive") else "[red]no[/red]",
+            ",".join(map(str, w["partitions"])),
+            f"{w.get('processed', 0):,}",
+            f"{sum(w.get('lag', {}).values()):,}",
+            f"{w.get('dead_lettered', 0):,}",
+            (w.get("last_error") or "")[:60],
+        )
+    console.print(workers)
+    s = settings
+    console.print(
+        f"ingest: http://{s.serve.host}:{s.serve.port}/v1/events   "
+        f"query: http://{s.serve.host}:{s.serve.port}/v1/metrics/{{type}}?tenant=...   "
+        f"Ray dashboard: http://{s.ray.host}:{s.ray.dashboard_port}"
+    )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show each service (state, ports, PID) and the pipeline (workers, partitions, lag)."""
+    settings = _settings(ctx)
+    if as_json:
+        print(json.dumps(_status_data(settings), indent=2))
+    else:
+        _print_status(settings)
+
+
+class Then(StrEnum):
+    wait = "wait"
+    stop = "stop"
+    keep = "keep"
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    rate: Annotated[int, typer.Option(min=1, help="Events per second to send.")] = 5000,
+    duration: Annotated[float, typer.Option(min=1, help="Seconds to send for.")] = 60,
+    batch_size: Annotated[int, typer.Option(min=1, help="Events per HTTP request.")] = 500,
+    then: Annotated[
+        Then | None,
+        typer.Option(
+            help="After the summary: wait for Ctrl-C then stop the stack, stop it "
+            "at once, or keep it running. Default: wait in a terminal, else stop."
+        ),
+    ] = None,
+) -> None:
+    """Bring the stack up, send synthetic events at a steady rate with a live view, and
+    check that the query API counts every one of them. Ctrl-C stops the stack cleanly.
+    """
+    from cluster import demo as demo_mod
+    from cluster.deploy import base_url, connected
+
+    settings = _settings(ctx)
+    after = then or (Then.wait if sys.stdin.isatty() else Then.stop)
+    try:
+        _bring_up(settings)
+        with connected(settings):
+            run, base, final = asyncio.run(
+                demo_mod.run_demo(settings, console, rate, duration, batch_size)
+            )
+        rows = demo_mod.check_counts(settings, run)
+        ok = _print_summary(settings, run, base, final, rows)
+        if after is Then.wait:
+            console.print("The stack keeps running; press Ctrl-C to stop it.")
+            import time
+
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("\nstopping the stack ...")
+        after = Then.stop
+        ok = False
+    finally:
+        if after is Then.stop:
+            stopped = _stack(settings).down()
+            console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
+    if not ok:
+        raise typer.Exit(1)
+    console.print(f"query it: curl '{base_url(settings)}/v1/metrics/purchase?tenant=...'")
+
+
+def _print_summary(
+    settings: Settings,
+    run: Any,
+    base: dict[str, int],
+    final: dict[str, int],
+    rows: list[tuple[str, str, int, int, int, float]],
+) -> bool:
+    from cluster.deploy import base_url
+
+    table = Table(title="sent vs. counted by the query API")
+    for column in ("tenant", "type", "sent", "counted", "sum sent", "sum counted"):
+        table.add_column(column, justify="right")
+    ok = run.failed_requests == 0 and final["lag"] == 0
+    for tenant, type_, sent, counted, sum_sent, sum_counted in rows:
+        good = sent == counted and abs(sum_sent - sum_counted) < 1e-6
+        ok = ok and good
+        mark = "" if good else "[red]"
+        table.add_row(
+            tenant,
+            type_,
+            f"{sent:,}",
+            f"{mark}{counted:,}",
+            f"{sum_sent:,}",
+            f"{mark}{sum_counted:,.0f}",
+        )
+    console.print(table)
+    processed = final["processed"] - base["processed"]
+    verdict = "[green]every event counted[/green]" if ok else "[red]counts do not add up[/red]"
+    console.print(
+        f"{verdict}: sent {run.sent:,}, processed {processed:,}, lag {final['lag']}, "
+        f"failed requests {run.failed_requests}"
+    )
+    s = settings
+    console.print(f"query API: {base_url(s)}/v1/metrics/{{type}}?tenant=<tenant>")
+    console.print(f"Ray dashboard: http://{s.ray.host}:{s.ray.dashboard_port}")
+    return ok
+
+
+@app.command()
+def config(
+    ctx: typer.Context,
+    describe: Annotated[
+        bool, typer.Option("--describe", help="List every setting with its variable and meaning.")
+    ] = False,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="With --describe: a Markdown table (for docs/).")
+    ] = False,
+) -> None:
+    """Print the effective settings (secrets hidden) as YAML."""
+    if not describe:
+        print(yaml.safe_dump(_settings(ctx).redacted(), sort_keys=False), end="")
+        return
+    rows = describe_settings()
+    if markdown:
+        print("| setting | environment variable | default | meaning |")
+        print("|---|---|---|---|")
+        for key, env, default, text in rows:
+            print(f"| `{key}` | `{env}` | `{default}` | {text} |")
+        return
+    table = Table()
+    for column in ("setting", "environment variable", "default", "meaning"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def run() -> None:
+    """Entry point: errors of Rayline print as one clear message, not a traceback."""
+    try:
+        app()
+    except RaylineError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)

@@ -1,0 +1,149 @@
+"""Deploys Rayline onto a Ray cluster: the ClickHouse owner, the coordinator with its
+partition workers, and the Serve apps. Safe to run again: what exists is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner
+from actors.coordinator import COORDINATOR_NAME, Coordinator
+from actors.partition_worker import WorkerConfig
+from cluster.processes import ServiceFailed
+from cluster.settings import Settings
+from serve_apps.ingest import IngestAPI, IngestConfig
+from serve_apps.query import QueryAPI, QueryConfig
+
+INGEST_APP = "ingest"
+QUERY_APP = "query"
+
+
+@contextmanager
+def connected(settings: Settings) -> Iterator[None]:
+    """Connect this process to the Ray cluster as a driver for the duration."""
+    if ray.is_initialized():
+        yield
+        return
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    ray.init(
+        address=settings.ray.address,
+        namespace=settings.ray.namespace,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_config(settings: Settings) -> WorkerConfig:
+    return WorkerConfig(
+        bootstrap=settings.kafka.bootstrap,
+        topic=settings.kafka.raw_topic,
+        dlq_topic=settings.kafka.dlq_topic,
+        group_id=settings.kafka.consumer_group,
+        batch_max_records=settings.pipeline.batch_max_records,
+        batch_max_ms=settings.pipeline.batch_max_ms,
+        window_seconds=settings.pipeline.window_seconds,
+    )
+
+
+def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> None:
+    """Create what is missing; must run inside :func:`connected`."""
+    ns = settings.ray.namespace
+    owner: Any = (
+        ray.remote(ClickHouseOwner)
+        .options(
+            name=OWNER_NAME,
+            namespace=ns,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+        )
+        .remote(settings.clickhouse_dsn(), settings.clickhouse.database)
+    )
+    ray.get(owner.ping.remote())
+    ray.remote(Coordinator).options(
+        name=COORDINATOR_NAME,
+        namespace=ns,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+    ).remote(worker_config(settings), settings.pipeline.workers, ns, 0)
+    _deploy_serve(settings, say)
+
+
+def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
+    sv = settings.serve
+    serve.start(http_options={"host": sv.host, "port": sv.port})
+    running = serve.status().applications
+    if INGEST_APP not in running:
+        say("deploying the ingest Serve app ...")
+        ingest = IngestAPI.options(  # type: ignore[attr-defined]
+            num_replicas=sv.ingest_replicas,
+            max_ongoing_requests=sv.max_ongoing_requests,
+            ray_actor_options={"num_cpus": 0},
+        ).bind(
+            IngestConfig(
+                bootstrap=settings.kafka.bootstrap,
+                topic=settings.kafka.raw_topic,
+                linger_ms=settings.kafka.producer_linger_ms,
+                queue_max_messages=settings.kafka.producer_queue_max_messages,
+                max_body_bytes=sv.max_body_bytes,
+                max_events_per_request=sv.max_events_per_request,
+                default_source=sv.default_source,
+            )
+        )
+        serve.run(ingest, name=INGEST_APP, route_prefix="/", blocking=False)
+    if QUERY_APP not in running:
+        say("deploying the query Serve app ...")
+        query = QueryAPI.options(  # type: ignore[attr-defined]
+            max_ongoing_requests=sv.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
+        ).bind(
+            QueryConfig(
+                namespace=settings.ray.namespace,
+                clickhouse_actor=OWNER_NAME,
+                window_seconds=settings.pipeline.window_seconds,
+            )
+        )
+        serve.run(query, name=QUERY_APP, route_prefix="/v1/metrics", blocking=False)
+    _wait_http(settings)
+
+
+def _wait_http(settings: Settings, timeout: float = 120.0) -> None:
+    url = f"{base_url(settings)}/healthz"
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = httpx.get(url, timeout=2)
+            if last.status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.5)
+    raise ServiceFailed(f"Serve did not answer {url} within {timeout:.0f} s (last: {last})")
+
+
+def base_url(settings: Settings) -> str:
+    return f"http://{settings.serve.host}:{settings.serve.port}"
+
+
+def pipeline_status(settings: Settings) -> dict[str, Any] | None:
+    """The coordinator's report, or None when the pipeline is not deployed."""
+    try:
+        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=settings.ray.namespace)
+    except ValueError:
+        return None
+    return dict(ray.get(coordinator.status.remote(), timeout=30))

@@ -1,0 +1,281 @@
+"""The one typed settings object, built once at each entry point and passed down.
+
+Sources, highest priority first: keyword arguments, environment variables
+(``RAYLINE_`` prefix, ``__`` between levels: ``RAYLINE_KAFKA__PORT=9092``), an
+optional YAML file (``--config`` or ``RAYLINE_CONFIG``), then the defaults below.
+Unknown keys are rejected everywhere. Library code receives this object (or one of
+its parts) and never reads the environment itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+_config_file: ContextVar[Path | None] = ContextVar("rayline_config_file", default=None)
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathSettings(_Part):
+    state_dir: Path = Field(
+        PROJECT_ROOT / ".state",
+        description="Folder for all local data, logs and PID files of the local stack.",
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "rayline",
+        description="Download cache (Kafka jars, Maven repository) kept outside the clone.",
+    )
+
+
+class KafkaSettings(_Part):
+    managed: bool = Field(True, description="Run a local single-node KRaft broker with `up`.")
+    version: str = Field("4.1.1", description="Apache Kafka version fetched from Maven Central.")
+    host: str = Field("127.0.0.1", description="Address the local broker listens on.")
+    port: int = Field(29092, ge=1, le=65535, description="Client port of the local broker.")
+    controller_port: int = Field(
+        29093, ge=1, le=65535, description="KRaft controller port of the local broker."
+    )
+    bootstrap_servers: str | None = Field(
+        None, description="Brokers to use instead of the local one (host:port,...)."
+    )
+    heap: str = Field("512m", description="Java heap (-Xmx) of the local broker.")
+    raw_topic: str = Field("events.raw", description="Topic of validated raw events.")
+    raw_partitions: int = Field(8, ge=1, le=1024, description="Partitions of the raw topic.")
+    dlq_topic: str = Field("events.dlq", description="Dead-letter topic of rejected records.")
+    alerts_topic: str = Field("alerts", description="Topic of alerts raised by rules.")
+    consumer_group: str = Field(
+        "rayline-workers",
+        description="Group id under which workers commit offsets, so lag tools see them.",
+    )
+    producer_linger_ms: int = Field(5, ge=0, description="Producer batching delay (ms).")
+    producer_queue_max_messages: int = Field(
+        200_000, ge=1000, description="Producer queue bound; when full, ingest answers 503."
+    )
+
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{self.host}:{self.port}"
+
+
+class PostgresSettings(_Part):
+    managed: bool = Field(True, description="Run a local PostgreSQL server with `up`.")
+    host: str = Field("127.0.0.1", description="PostgreSQL host.")
+    port: int = Field(25432, ge=1, le=65535, description="PostgreSQL port.")
+    user: str = Field("postgres", description="PostgreSQL user.")
+    password: SecretStr | None = Field(None, description="PostgreSQL password (never logged).")
+    database: str = Field("rayline", description="Database that holds Rayline's tables.")
+
+    def dsn(self) -> str:
+        auth = self.user
+        if self.password is not None:
+            auth += ":" + self.password.get_secret_value()
+        return f"postgresql://{auth}@{self.host}:{self.port}/{self.database}"
+
+
+class RedisSettings(_Part):
+    managed: bool = Field(True, description="Run a local Redis server with `up`.")
+    host: str = Field("127.0.0.1", description="Redis host.")
+    port: int = Field(26379, ge=1, le=65535, description="Redis port.")
+    password: SecretStr | None = Field(None, description="Redis password (never logged).")
+
+
+class ClickHouseSettings(_Part):
+    dsn: SecretStr | None = Field(
+        None,
+        description="chdb:///folder for the in-process engine, or http(s)://user:pass@host:port "
+        "for a server. Default: chdb:// in the state folder.",
+    )
+    database: str = Field("rayline", description="ClickHouse database of Rayline's tables.")
+
+
+class RaySettings(_Part):
+    managed: bool = Field(True, description="Start a local Ray head with `up`.")
+    host: str = Field("127.0.0.1", description="Address of the Ray head.")
+    port: int = Field(26380, ge=1, le=65535, description="GCS port of the Ray head.")
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="Ray dashboard port.")
+    client_port: int = Field(
+        26381, ge=1, le=65535, description="Ray Client server port (ray://) of the local head."
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="CPUs the local head offers Ray (default: all of them)."
+    )
+    object_store_mb: int = Field(1024, ge=128, description="Object store size of the local head.")
+    namespace: str = Field("rayline", description="Ray namespace of Rayline's named actors.")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class ServeSettings(_Part):
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above it)."
+    )
+    max_events_per_request: int = Field(
+        10_000, ge=1, description="Most events in one request (413 above it)."
+    )
+    ingest_replicas: int = Field(1, ge=1, description="Replicas of the ingest deployment.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Concurrent requests per replica before Serve queues them."
+    )
+    default_source: str = Field("api", description="`source` of events that name none.")
+
+
+class PipelineSettings(_Part):
+    workers: int = Field(2, ge=1, description="PartitionWorker actors sharing the raw topic.")
+    batch_max_records: int = Field(5000, ge=1, description="Most records in one micro-batch.")
+    batch_max_ms: int = Field(200, ge=1, description="Longest wait to fill one micro-batch (ms).")
+    window_seconds: int = Field(60, ge=1, description="Size of the tumbling windows (seconds).")
+
+
+class Settings(BaseSettings):
+    """Everything Rayline can be told. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RAYLINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    paths: PathSettings = Field(default_factory=PathSettings, description="Local folders.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings, description="Apache Kafka.")
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings, description="PostgreSQL.")
+    redis: RedisSettings = Field(default_factory=RedisSettings, description="Redis.")
+    clickhouse: ClickHouseSettings = Field(
+        default_factory=ClickHouseSettings, description="ClickHouse."
+    )
+    ray: RaySettings = Field(default_factory=RaySettings, description="Ray cluster.")
+    serve: ServeSettings = Field(default_factory=ServeSettings, description="Ray Serve apps.")
+    pipeline: PipelineSettings = Field(
+        default_factory=PipelineSettings, description="Stream processing."
+    )
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> Settings:
+        ports = self.local_ports()
+        seen: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in seen:
+                raise ValueError(
+                    f"{name} and {seen[port]} both use port {port}; give each its own port"
+                )
+            seen[port] = name
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get()
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    def local_ports(self) -> dict[str, int]:
+        """Every port the local stack listens on, by what listens there."""
+        return {
+            "kafka.port": self.kafka.port,
+            "kafka.controller_port": self.kafka.controller_port,
+            "postgres.port": self.postgres.port,
+            "redis.port": self.redis.port,
+            "ray.port": self.ray.port,
+            "ray.dashboard_port": self.ray.dashboard_port,
+            "ray.client_port": self.ray.client_port,
+            "serve.port": self.serve.port,
+        }
+
+    def clickhouse_dsn(self) -> str:
+        if self.clickhouse.dsn is not None:
+            return self.clickhouse.dsn.get_secret_value()
+        return f"chdb://{self.paths.state_dir / 'clickhouse'}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets shown as ``**********``."""
+        return self.model_dump(mode="json")
+
+
+@contextmanager
+def _reading(config_file: Path | None) -> Iterator[None]:
+    token = _config_file.set(config_file)
+    try:
+        yield
+    finally:
+        _config_file.reset(token)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from keyword overrides, the environment and a YAML file.
+
+    Raises:
+        ConfigurationError: the file is missing, or a value is invalid or unknown.
+    """
+    from pydantic import ValidationError
+
+    from core.exceptions import ConfigurationError
+
+    if config_file is not None and not config_file.is_file():
+        raise ConfigurationError(
+            f"settings file {config_file} does not exist; pass an existing YAML file to --config"
+        )
+    try:
+        with _reading(config_file):
+            return Settings(**overrides)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        where = f" (file {config_file})" if config_file else ""
+        raise ConfigurationError(
+            "invalid settings"
+            + where
+            + ":\n"
+            + "\n".join(lines)
+            + "\nsee `rayline config --help` and docs/configuration.md"
+        ) from None
+
+
+def describe_settings() -> list[tuple[str, str, str, str]]:
+    """(key, environment variable, default, description) of every leaf setting."""
+    rows = []
+    for part_name, part_field in Settings.model_fields.items():
+        part_cls = part_field.default_factory  # every part is a model built by default
+        assert isinstance(part_cls, type)
+        assert issubclass(part_cls, BaseModel)
+        defaults = part_cls()
+        for name, field_info in part_cls.model_fields.items():
+            default = getattr(defaults, name)
+            if isinstance(default, Path) and default.is_relative_to(PROJECT_ROOT):
+                shown = "<project>/" + str(default.relative_to(PROJECT_ROOT))
+            elif isinstance(default, Path) and default.is_relative_to(Path.home()):
+                shown = "~/" + str(default.relative_to(Path.home()))
+            else:
+                shown = "" if default is None else str(default)
+            env = f"RAYLINE_{part_name.upper()}__{name.upper()}"
+            rows.append((f"{part_name}.{name}", env, shown, field_info.description or ""))
+    return rows

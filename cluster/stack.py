@@ -1,0 +1,414 @@
+"""The local stack: Kafka (KRaft), PostgreSQL, Redis and a Ray head as plain processes.
+
+Everything lives under ``settings.paths.state_dir``: data, logs (``logs/``) and PID
+files (``run/``). Downloads (the Kafka jars and Maven's repository) go to
+``settings.paths.cache_dir`` so that a new clone reuses them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters import kafka as kafka_adapter
+from adapters import postgres as pg_adapter
+from adapters import redis as redis_adapter
+from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open, tail
+from cluster.settings import PROJECT_ROOT, Settings
+from core.exceptions import ConfigurationError
+
+Say = Callable[[str], None]
+
+_APT = "apt-get install -y openjdk-17-jre-headless maven postgresql redis-server"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    state: str  # running | stopped | external
+    ports: tuple[int, ...]
+    pid: int | None
+
+
+def _need(binary: str, path: str | None = None) -> str:
+    found = path if path and Path(path).exists() else shutil.which(binary)
+    if found is None:
+        prefix = "" if os.geteuid() == 0 else "sudo "
+        raise ConfigurationError(f"{binary} is not installed; run `make setup` or `{prefix}{_APT}`")
+    return found
+
+
+def _postgres_bin(name: str) -> str:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    for bindir in reversed(versions):
+        if (bindir / name).exists():
+            return str(bindir / name)
+    return _need(name)
+
+
+def _reachable_by(user: str, folder: Path) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = subprocess.run(["test", "-x", str(folder)], user=user, check=False)
+    return probe.returncode == 0
+
+
+class LocalStack:
+    """Starts, stops and reports the local services described by the settings."""
+
+    def __init__(self, settings: Settings, say: Say = lambda _msg: None) -> None:
+        self.settings = settings
+        self.say = say
+        self.state = settings.paths.state_dir
+        self.logs = self.state / "logs"
+        self.supervisor = Supervisor(self.state / "run")
+
+    # Specs -----------------------------------------------------------------------
+
+    def specs(self) -> list[ProcessSpec]:
+        s = self.settings
+        specs = []
+        if s.kafka.managed:
+            specs.append(self._kafka_spec())
+        if s.postgres.managed:
+            specs.append(self._postgres_spec())
+        if s.redis.managed:
+            specs.append(self._redis_spec())
+        if s.ray.managed:
+            specs.append(self._ray_spec())
+        return specs
+
+    def _kafka_spec(self) -> ProcessSpec:
+        k = self.settings.kafka
+        home = self.state / "kafka"
+        return ProcessSpec(
+            name="kafka",
+            argv=[
+                "java",
+                f"-Xmx{k.heap}",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
+                "-cp",
+                f"{self._kafka_libs()}/*",
+                "kafka.Kafka",
+                str(home / "server.properties"),
+            ],
+            ports=[k.port, k.controller_port],
+            ready=lambda: (
+                port_open(k.port, k.host) and kafka_adapter.broker_answers(k.bootstrap, timeout=2.0)
+            ),
+            log_file=self.logs / "kafka.log",
+        )
+
+    def _postgres_spec(self) -> ProcessSpec:
+        p = self.settings.postgres
+        return ProcessSpec(
+            name="postgres",
+            argv=[
+                _postgres_bin("postgres"),
+                "-D",
+                str(self._pg_data()),
+                "-p",
+                str(p.port),
+                "-c",
+                f"listen_addresses={p.host}",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_connections=200",
+            ],
+            ports=[p.port],
+            ready=lambda: pg_adapter.answers(self._pg_admin_dsn()),
+            log_file=self.logs / "postgres.log",
+            user=self._pg_user(),
+            stop_signal=signal.SIGINT,  # "fast" shutdown: do not wait for clients
+        )
+
+    def _redis_spec(self) -> ProcessSpec:
+        r = self.settings.redis
+        argv = [
+            _need("redis-server"),
+            "--port",
+            str(r.port),
+            "--bind",
+            r.host,
+            "--dir",
+            str(self.state / "redis"),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ]
+        if r.password is not None:
+            argv += ["--requirepass", r.password.get_secret_value()]
+        password = r.password.get_secret_value() if r.password else None
+        return ProcessSpec(
+            name="redis",
+            argv=argv,
+            ports=[r.port],
+            ready=lambda: redis_adapter.answers(r.host, r.port, password),
+            log_file=self.logs / "redis.log",
+        )
+
+    def _ray_spec(self) -> ProcessSpec:
+        r = self.settings.ray
+        argv = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            r.host,
+            "--port",
+            str(r.port),
+            "--dashboard-host",
+            r.host,
+            "--dashboard-port",
+            str(r.dashboard_port),
+            "--ray-client-server-port",
+            str(r.client_port),
+            # Ray's default worker port range (10002-19999) is kept clear of the
+            # stack's own ports, which all sit above it.
+            "--object-store-memory",
+            str(r.object_store_mb * 1024 * 1024),
+            "--disable-usage-stats",
+        ]
+        if r.num_cpus is not None:
+            argv += ["--num-cpus", str(r.num_cpus)]
+        return ProcessSpec(
+            name="ray",
+            argv=argv,
+            ports=[r.port, r.dashboard_port, r.client_port],
+            ready=lambda: port_open(r.port, r.host) and port_open(r.dashboard_port, r.host),
+            log_file=self.logs / "ray.log",
+            env={"RAY_USAGE_STATS_ENABLED": "0"},
+            start_timeout=120,
+        )
+
+    # Preparation -----------------------------------------------------------------
+
+    def _kafka_libs(self) -> Path:
+        pom = PROJECT_ROOT / "cluster" / "kafka" / "pom.xml"
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+        return self.settings.paths.cache_dir / "kafka" / f"{self.settings.kafka.version}-{digest}"
+
+    def fetch_kafka(self) -> Path:
+        """Copy the broker's jars from Maven Central into the cache (first run only)."""
+        libs = self._kafka_libs()
+        if (libs / ".complete").exists():
+            return libs
+        mvn = _need("mvn")
+        _need("java")
+        version = self.settings.kafka.version
+        self.say(f"fetching Apache Kafka {version} jars from Maven Central into {libs} ...")
+        tmp = libs.with_name(libs.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            mvn,
+            "-B",
+            "-q",
+            f"-Dmaven.repo.local={self.settings.paths.cache_dir / 'm2'}",
+            "-f",
+            str(PROJECT_ROOT / "cluster" / "kafka" / "pom.xml"),
+            f"-Dkafka.version={version}",
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={tmp}",
+            "-DincludeScope=runtime",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ServiceFailed(
+                f"Maven could not fetch Kafka {version} (is Maven Central reachable?):\n"
+                + result.stdout[-2000:]
+                + result.stderr[-2000:]
+            )
+        (tmp / ".complete").write_text(version)
+        shutil.rmtree(libs, ignore_errors=True)
+        tmp.rename(libs)
+        return libs
+
+    def _prepare_kafka(self) -> None:
+        k = self.settings.kafka
+        home = self.state / "kafka"
+        data = home / "data"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "server.properties").write_text(
+            "\n".join(
+                [
+                    "process.roles=broker,controller",
+                    "node.id=1",
+                    f"controller.quorum.voters=1@{k.host}:{k.controller_port}",
+                    f"listeners=PLAINTEXT://{k.host}:{k.port},"
+                    f"CONTROLLER://{k.host}:{k.controller_port}",
+                    f"advertised.listeners=PLAINTEXT://{k.host}:{k.port}",
+                    "controller.listener.names=CONTROLLER",
+                    "inter.broker.listener.name=PLAINTEXT",
+                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    f"log.dirs={data}",
+                    f"num.partitions={k.raw_partitions}",
+                    "offsets.topic.replication.factor=1",
+                    "offsets.topic.num.partitions=8",
+                    "transaction.state.log.replication.factor=1",
+                    "transaction.state.log.min.isr=1",
+                    "share.coordinator.state.topic.replication.factor=1",
+                    "share.coordinator.state.topic.min.isr=1",
+                    "group.initial.rebalance.delay.ms=0",
+                    "auto.create.topics.enable=false",
+                    "message.max.bytes=10485760",
+                    "",
+                ]
+            )
+        )
+        (home / "log4j2.properties").write_text(
+            "status = warn\n"
+            "appender.out.type = Console\nappender.out.name = OUT\n"
+            "appender.out.layout.type = PatternLayout\n"
+            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = OUT\n"
+            "logger.state.name = state.change.logger\nlogger.state.level = WARN\n"
+        )
+        if (data / "meta.properties").exists():
+            return
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        result = subprocess.run(
+            [
+                "java",
+                "-cp",
+                f"{self.fetch_kafka()}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(home / "server.properties"),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ServiceFailed(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def _pg_user(self) -> str | None:
+        return "postgres" if os.geteuid() == 0 else None
+
+    def _pg_admin_dsn(self) -> str:
+        p = self.settings.postgres
+        return p.model_copy(update={"database": "postgres"}).dsn()
+
+    def _pg_root(self) -> Path:
+        """Where PostgreSQL keeps its cluster: in the state folder when its user can
+        reach it, else in a folder of its own under /var/tmp named after the state folder
+        (a clone under a private home directory, such as /root, is not reachable)."""
+        preferred = self.state / "postgres"
+        user = self._pg_user()
+        if user is None or _reachable_by(user, self.state):
+            return preferred
+        digest = hashlib.sha256(str(self.state).encode()).hexdigest()[:12]
+        return Path("/var/tmp") / f"rayline-postgres-{digest}"
+
+    def _pg_data(self) -> Path:
+        return self._pg_root() / "data"
+
+    def _prepare_postgres(self) -> None:
+        data = self._pg_data()
+        if (data / "PG_VERSION").exists():
+            return
+        user = self._pg_user()
+        root = self._pg_root()
+        root.mkdir(parents=True, exist_ok=True)
+        if user is not None:
+            # PostgreSQL refuses to run as root; its folder must belong to its user.
+            shutil.chown(root, user, user)
+            root.chmod(0o700)
+        self.say(f"creating the PostgreSQL cluster in {root} (initdb) ...")
+        result = subprocess.run(
+            [
+                _postgres_bin("initdb"),
+                "-D",
+                str(data),
+                "-A",
+                "trust",
+                "-U",
+                self.settings.postgres.user,
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            text=True,
+            user=user,
+            group=user,
+        )
+        if result.returncode != 0:
+            raise ServiceFailed(f"initdb failed:\n{result.stdout}{result.stderr}")
+
+    # Lifecycle -------------------------------------------------------------------
+
+    def up(self) -> list[ServiceStatus]:
+        """Start every managed service that is not running and wait until all answer."""
+        s = self.settings
+        (self.state / "redis").mkdir(parents=True, exist_ok=True)
+        specs = self.specs()
+        for spec in specs:
+            if self.supervisor.pid(spec) is not None:
+                continue
+            if spec.name == "kafka":
+                self.fetch_kafka()
+                self._prepare_kafka()
+            elif spec.name == "postgres":
+                self._prepare_postgres()
+            self.say(f"starting {spec.name} on port {', '.join(map(str, spec.ports))} ...")
+            self.supervisor.launch(spec)
+        for spec in specs:
+            self.supervisor.wait_ready(spec)
+        created = kafka_adapter.ensure_topics(
+            s.kafka.bootstrap,
+            [
+                kafka_adapter.TopicSpec(s.kafka.raw_topic, s.kafka.raw_partitions),
+                kafka_adapter.TopicSpec(s.kafka.dlq_topic, 1),
+                kafka_adapter.TopicSpec(s.kafka.alerts_topic, 1),
+            ],
+        )
+        if created:
+            self.say(f"created topics {', '.join(created)}")
+        if pg_adapter.ensure_database(self._pg_admin_dsn(), s.postgres.database):
+            self.say(f"created PostgreSQL database {s.postgres.database}")
+        return self.status()
+
+    def down(self) -> list[str]:
+        """Stop every service this stack started, Ray first; return the names stopped."""
+        order = {"ray": 0, "kafka": 1, "redis": 2, "postgres": 3}
+        stopped = []
+        for spec in sorted(self.specs(), key=lambda sp: order[sp.name]):
+            if self.supervisor.stop(spec):
+                stopped.append(spec.name)
+        return stopped
+
+    def status(self) -> list[ServiceStatus]:
+        rows = []
+        for spec in self.specs():
+            pid = self.supervisor.pid(spec)
+            rows.append(
+                ServiceStatus(spec.name, "running" if pid else "stopped", tuple(spec.ports), pid)
+            )
+        return rows
+
+    def listening_ports(self) -> list[int]:
+        """Ports of the local stack on which something still accepts connections."""
+        return [p for p in self.settings.local_ports().values() if port_open(p)]
+
+    def log_tail(self, name: str) -> str:
+        return tail(self.logs / f"{name}.log")

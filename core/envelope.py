@@ -1,0 +1,248 @@
+"""The event envelope: what every event carries, and how a raw JSON value becomes one.
+
+An envelope is a plain ``dict`` (cheap to build, cheap to serialise) with these keys:
+
+========== ======== =============================================================
+key        required what it is
+========== ======== =============================================================
+event_id   yes      unique within its source (string, 1 to 128 characters)
+tenant     yes      owner of the event (``[A-Za-z0-9_.-]``, 1 to 64 characters)
+type       yes      what happened (``[A-Za-z0-9_.:-]``, 1 to 128 characters)
+ts         yes      event time: RFC 3339 with an offset, or epoch seconds
+source     no       where it came from; the ingest endpoint's name by default
+entity     no       the thing it is about; events of one entity share a partition
+value      no       the number that sum aggregates add up (default 0)
+attributes no       any further JSON object
+========== ======== =============================================================
+
+Validation normalises ``ts`` to integer epoch milliseconds and adds ``received_at``.
+It never stops at the first bad event: every error of every event is reported, so a
+caller can fix a whole batch in one round trip.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+ENVELOPE_SCHEMA = "rayline.envelope/v1"
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_SOURCE_RE = _TENANT_RE
+_TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+_MAX_ID_LEN = 128
+_MAX_ENTITY_LEN = 256
+# Event times outside this range are almost always a unit mistake (ms sent as s).
+_MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+_MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+
+KNOWN_FIELDS = frozenset(
+    {"event_id", "tenant", "type", "ts", "source", "entity", "value", "attributes"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One problem with one field of one event of a batch (index None: the whole body)."""
+
+    index: int | None
+    field: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "field": self.field, "message": self.message}
+
+    def __str__(self) -> str:
+        if self.index is None:
+            return f"body: {self.message}"
+        return f"event {self.index}: field '{self.field}' {self.message}"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_NAME_PATTERNS = {"tenant": _TENANT_RE, "source": _SOURCE_RE, "type": _TYPE_RE}
+
+
+def name_problem(field: str, value: Any) -> str | None:
+    """What is wrong with a tenant, source or type name, or None when it is fine."""
+    pattern = _NAME_PATTERNS[field]
+    if not isinstance(value, str):
+        return f"expected string, got {_type_name(value)}"
+    if not pattern.match(value):
+        return f"expected {pattern.pattern} (letters, digits and _.-), got {_describe(value)}"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def parse_event_time(value: Any) -> int:
+    """Turn an RFC 3339 string or epoch seconds into epoch milliseconds.
+
+    Raises:
+        ValueError: with a message that says what was expected.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected RFC 3339 time or epoch seconds, got {_type_name(value)}")
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(
+                f"expected RFC 3339 time such as 2026-11-29T05:50:00Z, got {_describe(value)}"
+            ) from None
+        if parsed.tzinfo is None:
+            raise ValueError(
+                f"expected a time with an offset (Z or +hh:mm), got {_describe(value)}"
+            )
+        ts_ms = int(parsed.timestamp() * 1000)
+    else:
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number of epoch seconds, got {value!r}")
+        ts_ms = int(value * 1000)
+    if not _MIN_TS_MS <= ts_ms < _MAX_TS_MS:
+        raise ValueError(
+            f"expected a time between 2000 and 2100 (epoch seconds, not milliseconds), "
+            f"got {_describe(value)}"
+        )
+    return ts_ms
+
+
+def _validate_one(
+    raw: Any, index: int, default_source: str, received_at_ms: int, errors: list[FieldError]
+) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        errors.append(FieldError(index, "", f"expected a JSON object, got {_type_name(raw)}"))
+        return None
+    before = len(errors)
+    for field in ("event_id", "tenant", "type", "ts"):
+        if field not in raw:
+            errors.append(FieldError(index, field, "is required but missing"))
+    for field in sorted(set(raw) - KNOWN_FIELDS):
+        errors.append(
+            FieldError(index, field, "is not an envelope field; put custom data under 'attributes'")
+        )
+    event_id = raw.get("event_id")
+    if "event_id" in raw and (
+        not isinstance(event_id, str) or not 0 < len(event_id) <= _MAX_ID_LEN
+    ):
+        errors.append(
+            FieldError(
+                index,
+                "event_id",
+                f"expected string of 1 to {_MAX_ID_LEN} characters, got {_describe(event_id)}",
+            )
+        )
+    for field in ("tenant", "type", "source"):
+        problem = name_problem(field, raw[field]) if field in raw else None
+        if problem is not None:
+            errors.append(FieldError(index, field, problem))
+    ts_ms = 0
+    if "ts" in raw:
+        try:
+            ts_ms = parse_event_time(raw["ts"])
+        except ValueError as exc:
+            errors.append(FieldError(index, "ts", str(exc)))
+    entity = raw.get("entity", event_id)
+    if "entity" in raw and (not isinstance(entity, str) or not 0 < len(entity) <= _MAX_ENTITY_LEN):
+        errors.append(
+            FieldError(
+                index,
+                "entity",
+                f"expected string of 1 to {_MAX_ENTITY_LEN} characters, got {_describe(entity)}",
+            )
+        )
+    value = raw.get("value", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        errors.append(
+            FieldError(index, "value", f"expected a finite number, got {_describe(value)}")
+        )
+    attributes = raw.get("attributes", {})
+    if not isinstance(attributes, dict):
+        errors.append(
+            FieldError(index, "attributes", f"expected object, got {_type_name(attributes)}")
+        )
+    if len(errors) > before:
+        return None
+    return {
+        "event_id": event_id,
+        "source": raw.get("source", default_source),
+        "tenant": raw["tenant"],
+        "type": raw["type"],
+        "ts": ts_ms,
+        "entity": entity,
+        "value": value,
+        "attributes": attributes,
+        "received_at": received_at_ms,
+    }
+
+
+def validate_events(
+    items: Any, *, default_source: str, received_at_ms: int
+) -> tuple[list[dict[str, Any]], list[FieldError]]:
+    """Validate a decoded JSON batch.
+
+    Args:
+        items: the decoded request body; must be a list of objects.
+        default_source: ``source`` for events that name none.
+        received_at_ms: when the batch arrived (epoch ms), from the caller's clock.
+
+    Returns:
+        The normalised envelopes and every error found. A caller that wants
+        all-or-nothing semantics writes the envelopes only when the error list is empty.
+    """
+    if not isinstance(items, list):
+        return [], [
+            FieldError(None, "", f"expected a JSON array of events, got {_type_name(items)}")
+        ]
+    envelopes: list[dict[str, Any]] = []
+    errors: list[FieldError] = []
+    for index, raw in enumerate(items):
+        envelope = _validate_one(raw, index, default_source, received_at_ms, errors)
+        if envelope is not None:
+            envelopes.append(envelope)
+    return envelopes, errors
+
+
+def partition_key(envelope: dict[str, Any]) -> bytes:
+    """The Kafka key: every event of one (tenant, entity) lands on one partition."""
+    return f"{envelope['tenant']}:{envelope['entity']}".encode()
+
+
+def check_stored(record: Any) -> str | None:
+    """Why a decoded Kafka record is not a usable envelope, or None when it is.
+
+    Ingest writes only validated envelopes, but anything can be produced to a topic;
+    a worker checks the fields it folds before trusting them.
+    """
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {_type_name(record)}"
+    for field in ("tenant", "type"):
+        if not isinstance(record.get(field), str):
+            return f"field '{field}' expected string, got {_type_name(record.get(field))}"
+    ts = record.get("ts")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        return f"field 'ts' expected integer epoch milliseconds, got {_type_name(ts)}"
+    value = record.get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"field 'value' expected a finite number, got {_describe(value)}"
+    return None

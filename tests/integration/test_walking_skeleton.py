@@ -1,0 +1,205 @@
+"""One batch travels the whole way: HTTP -> Kafka -> PartitionWorker -> ClickHouse -> query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from adapters.kafka import end_offsets
+from cluster.settings import Settings
+from tests.integration.conftest import eventually, raw_offsets, read_from
+
+DAY = "2026-01-01"
+RANGE = {"from": f"{DAY}T09:00:00Z", "to": f"{DAY}T11:00:00Z"}
+
+
+def event(tenant: str, n: int, type_: str, ts: str, value: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "event_id": f"e-{n}",
+        "tenant": tenant,
+        "type": type_,
+        "ts": ts,
+        "value": value,
+        **extra,
+    }
+
+
+def metric(http: httpx.Client, tenant: str, type_: str) -> dict[str, Any]:
+    answer = http.get(f"/v1/metrics/{type_}", params={"tenant": tenant, **RANGE})
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def test_events_travel_from_http_to_query(http: httpx.Client, tenant: str) -> None:
+    batch = [
+        event(tenant, 1, "click", f"{DAY}T10:00:01Z", 1),
+        event(tenant, 2, "click", f"{DAY}T10:00:30.5Z", 2),
+        event(tenant, 3, "click", f"{DAY}T10:00:59.999Z", 3),
+        event(tenant, 4, "click", f"{DAY}T10:01:00Z", 10),
+        event(tenant, 5, "click", f"{DAY}T11:01:00+01:00", 20),  # 10:01 UTC
+        event(tenant, 6, "view", f"{DAY}T10:00:10Z", 7, entity="page-1"),
+    ]
+    answer = http.post("/v1/events", json=batch)
+    assert answer.status_code == 202, answer.text
+    assert answer.json() == {"accepted": 6}
+
+    clicks = eventually(lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 5)
+    assert clicks["windows"] == [
+        {"start": f"{DAY}T10:00:00Z", "count": 3, "sum": 6.0},
+        {"start": f"{DAY}T10:01:00Z", "count": 2, "sum": 30.0},
+    ]
+    assert clicks["total"] == {"count": 5, "sum": 36.0}
+    views = eventually(lambda: metric(http, tenant, "view"), lambda m: m["total"]["count"] >= 1)
+    assert views["windows"] == [{"start": f"{DAY}T10:00:00Z", "count": 1, "sum": 7.0}]
+    # Another tenant's query sees none of it.
+    assert metric(http, tenant + "x", "click")["total"] == {"count": 0, "sum": 0}
+
+
+def test_kafka_record_carries_key_envelope_and_trace(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    before = raw_offsets(stack)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    answer = http.post(
+        "/v1/events",
+        json=[event(tenant, 1, "click", f"{DAY}T10:00:00Z", 4, entity="dev-9")],
+        headers={"traceparent": trace},
+    )
+    assert answer.status_code == 202, answer.text
+    (record,) = read_from(stack, stack.kafka.raw_topic, before, 1)
+    assert record.key() == f"{tenant}:dev-9".encode()
+    headers = dict(record.headers())
+    assert headers["traceparent"] == trace.encode()
+    assert headers["schema"] == b"rayline.envelope/v1"
+    envelope = orjson.loads(record.value())
+    assert envelope["ts"] == 1_767_261_600_000
+    assert envelope["source"] == "api"
+    assert envelope["received_at"] > envelope["ts"]
+
+
+def test_malformed_json_is_400_and_writes_nothing(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    before = raw_offsets(stack)
+    good = orjson.dumps([event(tenant, 1, "click", f"{DAY}T10:00:00Z", 1)])
+    answer = http.post(
+        "/v1/events", content=good[:-2], headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"].startswith("malformed JSON: ")
+    assert "line 1 column" in answer.json()["error"]
+    assert raw_offsets(stack) == before
+
+
+def test_invalid_events_are_422_listing_each_and_nothing_is_written(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    before = raw_offsets(stack)
+    batch = [
+        event(tenant, 1, "click", f"{DAY}T10:00:00Z", 1),  # fine, but must not be written
+        {"event_id": "e-2", "tenant": tenant, "ts": f"{DAY}T10:00:00Z"},
+        event(tenant, 3, "click", "yesterday", "12,5"),  # type: ignore[arg-type]
+    ]
+    answer = http.post("/v1/events", json=batch)
+    assert answer.status_code == 422
+    body = answer.json()
+    assert "nothing was written" in body["error"]
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [
+        (1, "type"),
+        (2, "ts"),
+        (2, "value"),
+    ]
+    assert raw_offsets(stack) == before
+    assert metric(http, tenant, "click")["total"]["count"] == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"[" + b" " * (9 * 1024 * 1024) + b"]", "application/json", 413, "over the limit"),
+        (b'{"not": "an array"}', "application/json", 422, "JSON array"),
+        (b"event_id,tenant\n1,a\n", "text/csv", 415, "application/json"),
+        (b"", "application/json", 400, "malformed JSON"),
+        (b"[1e999]", "application/json", 400, "malformed JSON"),
+        (b'[{"event_id": "\xff\xfe"}]', "application/json", 400, "malformed JSON"),
+    ],
+)
+def test_hostile_bodies_are_refused_and_write_nothing(
+    http: httpx.Client, stack: Settings, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    before = raw_offsets(stack)
+    answer = http.post("/v1/events", content=body, headers={"content-type": content_type})
+    assert answer.status_code == status, answer.text
+    assert message in answer.json()["error"]
+    assert raw_offsets(stack) == before
+
+
+def test_too_many_events_in_one_request_is_413(http: httpx.Client, stack: Settings) -> None:
+    limit = stack.serve.max_events_per_request
+    answer = http.post(
+        "/v1/events",
+        content=b"[" + b",".join([b"{}"] * (limit + 1)) + b"]",
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 413
+    assert f"the limit is {limit}" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/v1/metrics/click", {"tenant": "a' OR '1'='1"}, "tenant"),
+        ("/v1/metrics/click;DROP TABLE x", {"tenant": "acme"}, "type"),
+        ("/v1/metrics/click", {"tenant": "acme", "from": "1) OR (1=1"}, "from"),
+        ("/v1/metrics/click", {"tenant": "acme", "to": "2026-13-45T00:00:00Z"}, "to"),
+        (
+            "/v1/metrics/click",
+            {"tenant": "acme", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
+            "from",
+        ),
+    ],
+)
+def test_query_rejects_bad_parameters(
+    http: httpx.Client, path: str, params: dict[str, str], field: str
+) -> None:
+    answer = http.get(path, params=params)
+    assert answer.status_code == 422, answer.text
+    assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
+def test_query_without_tenant_is_422(http: httpx.Client) -> None:
+    assert http.get("/v1/metrics/click").status_code == 422
+
+
+def test_a_record_no_envelope_goes_to_the_dlq_and_the_worker_goes_on(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    k = stack.kafka
+    dlq_before = end_offsets(k.bootstrap, k.dlq_topic)
+    raw_before = raw_offsets(stack)
+    producer = Producer({"bootstrap.servers": k.bootstrap})
+    producer.produce(k.raw_topic, b"\x00not json{", b"hostile", partition=3)
+    producer.produce(k.raw_topic, orjson.dumps({"tenant": tenant, "type": "x"}), partition=3)
+    assert producer.flush(10) == 0
+
+    records = read_from(stack, k.dlq_topic, dlq_before, 2)
+    assert len(records) == 2
+    reasons = [dict(r.headers()) for r in records]
+    assert reasons[0]["reason"].startswith(b"not JSON")
+    assert b"'ts'" in reasons[1]["reason"]
+    for headers, offset in zip(reasons, (raw_before[3], raw_before[3] + 1), strict=True):
+        assert headers["stage"] == b"process"
+        assert headers["origin.topic"] == k.raw_topic.encode()
+        assert headers["origin.partition"] == b"3"
+        assert headers["origin.offset"] == str(offset).encode()
+    assert records[0].value() == b"\x00not json{"
+
+    answer = http.post("/v1/events", json=[event(tenant, 1, "click", f"{DAY}T10:00:00Z", 5)])
+    assert answer.status_code == 202
+    after = eventually(lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 1)
+    assert after["total"] == {"count": 1, "sum": 5.0}

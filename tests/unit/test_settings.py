@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.settings import PROJECT_ROOT, describe_settings, load_settings
+from core.exceptions import ConfigurationError
+
+
+def test_defaults_are_local() -> None:
+    s = load_settings()
+    assert s.kafka.bootstrap == "127.0.0.1:29092"
+    assert s.clickhouse_dsn() == f"chdb://{PROJECT_ROOT / '.state' / 'clickhouse'}"
+    assert s.kafka.raw_partitions >= 8
+
+
+def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "rayline.yaml"
+    file.write_text("kafka:\n  port: 39092\n  raw_partitions: 12\npipeline:\n  workers: 3\n")
+    monkeypatch.setenv("RAYLINE_PIPELINE__WORKERS", "5")
+    s = load_settings(file)
+    assert (s.kafka.port, s.kafka.raw_partitions, s.pipeline.workers) == (39092, 12, 5)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "where"),
+    [
+        ("kafka:\n  prot: 1\n", "kafka.prot"),
+        ("kafak:\n  port: 1\n", "kafak"),
+        ("pipeline:\n  workers: 0\n", "pipeline.workers"),
+        ("serve:\n  port: 70000\n", "serve.port"),
+    ],
+)
+def test_unknown_or_invalid_keys_are_rejected(tmp_path: Path, yaml_text: str, where: str) -> None:
+    file = tmp_path / "bad.yaml"
+    file.write_text(yaml_text)
+    with pytest.raises(ConfigurationError, match=where.replace(".", r"\.")) as caught:
+        load_settings(file)
+    assert str(file) in str(caught.value)
+
+
+def test_unknown_environment_key_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYLINE_KAFKA__PROT", "1")
+    with pytest.raises(ConfigurationError, match="prot"):
+        load_settings()
+
+
+def test_missing_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_two_services_on_one_port_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYLINE_REDIS__PORT", "29092")
+    with pytest.raises(ConfigurationError, match="both use port 29092"):
+        load_settings()
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(ValueError, match="frozen"):
+        s.pipeline.workers = 9  # type: ignore[misc]
+
+
+def test_config_command_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYLINE_POSTGRES__PASSWORD", "hunter2-secret")
+    monkeypatch.setenv("RAYLINE_CLICKHOUSE__DSN", "http://u:pw-secret@ch:8123")
+    result = CliRunner().invoke(app, ["config"])
+    assert result.exit_code == 0, result.output
+    assert "hunter2-secret" not in result.output
+    assert "pw-secret" not in result.output
+    assert "password: '**********'" in result.output
+    # the secret still reaches the code that needs it
+    assert load_settings().postgres.dsn().startswith("postgresql://postgres:hunter2-secret@")
+
+
+def test_every_setting_is_described() -> None:
+    rows = describe_settings()
+    assert len(rows) > 30
+    assert all(meaning for _key, _env, _default, meaning in rows)
+    assert rows_by_key(rows)["kafka.port"][:3] == ("kafka.port", "RAYLINE_KAFKA__PORT", "29092")
+
+
+def rows_by_key(rows: list[tuple[str, str, str, str]]) -> dict[str, tuple[str, str, str, str]]:
+    return {row[0]: row for row in rows}
+
+
+def test_configuration_doc_is_generated_from_the_settings() -> None:
+    doc = (PROJECT_ROOT / "docs" / "configuration.md").read_text()
+    result = CliRunner().invoke(app, ["config", "--describe", "--markdown"])
+    assert result.exit_code == 0
+    assert result.output.strip() in doc, "docs/configuration.md is stale: run `make docs`"
+
+
+@pytest.mark.parametrize("command", ["up", "down", "status", "demo", "config"])
+def test_every_command_has_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+    assert len(result.output.splitlines()) > 5
