@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -199,6 +200,7 @@ def demo(
 
     settings = _settings(ctx)
     after = then or (Then.wait if sys.stdin.isatty() else Then.stop)
+    ok = False
     try:
         _bring_up(settings)
         with connected(settings):
@@ -207,23 +209,22 @@ def demo(
             )
         rows = demo_mod.check_counts(settings, run)
         ok = _print_summary(settings, run, base, final, rows)
+        tenant = rows[0][0] if rows else "acme"
+        console.print(f"try: curl '{base_url(settings)}/v1/metrics/purchase?tenant={tenant}'")
         if after is Then.wait:
             console.print("The stack keeps running; press Ctrl-C to stop it.")
-            import time
-
-            while True:
-                time.sleep(3600)
+            threading.Event().wait()
     except KeyboardInterrupt:
         console.print("\nstopping the stack ...")
         after = Then.stop
-        ok = False
     finally:
         if after is Then.stop:
             stopped = _stack(settings).down()
             console.print(f"stopped: {', '.join(stopped) or 'nothing'}")
+        elif after is Then.keep:
+            console.print("The stack keeps running; stop it with `rayline down`.")
     if not ok:
         raise typer.Exit(1)
-    console.print(f"query it: curl '{base_url(settings)}/v1/metrics/purchase?tenant=...'")
 
 
 def _print_summary(

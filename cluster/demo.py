@@ -38,6 +38,8 @@ class DemoRun:
     tag: str = field(default_factory=lambda: f"{random.getrandbits(16):04x}")
     """Suffix of this run's tenants, so that an earlier run's windows are not counted."""
     started_at: float = 0.0
+    sent_for: float | None = None
+    """Seconds the source sent for, once it is done."""
     first_ts_ms: int = 0
     last_error: str | None = None
 
@@ -120,6 +122,7 @@ async def produce(
             await asyncio.sleep(min(interval, 0.05))
         if in_flight:
             await asyncio.gather(*in_flight)
+    run.sent_for = time.monotonic() - run.started_at
 
 
 def totals(status: dict[str, Any] | None) -> dict[str, int]:
@@ -136,13 +139,14 @@ def totals(status: dict[str, Any] | None) -> dict[str, int]:
 
 def view(run: DemoRun, now: dict[str, int], base: dict[str, int], rate: int, phase: str) -> Table:
     elapsed = max(time.monotonic() - run.started_at, 1e-6) if run.started_at else 0.0
+    sending = run.sent_for or elapsed
     table = Table(title=f"Rayline demo: {phase}", show_header=False, min_width=52)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     table.add_row("elapsed", f"{elapsed:,.1f} s")
     table.add_row(
         "events sent",
-        f"{run.sent:,}  ({run.sent / elapsed if elapsed else 0:,.0f}/s, target {rate:,}/s)",
+        f"{run.sent:,}  ({run.sent / sending if sending else 0:,.0f}/s, target {rate:,}/s)",
     )
     table.add_row("events processed", f"{now['processed'] - base['processed']:,}")
     table.add_row("consumer lag", f"{now['lag']:,}")

@@ -54,3 +54,10 @@ def test_down_stops_everything_and_leaves_nothing_listening(stack: Settings) -> 
     again = rayline("down")
     assert again.returncode == 0
     assert "nothing was running" in again.stdout
+
+
+def test_demo_counts_every_event_it_sends(stack: Settings) -> None:
+    result = rayline("demo", "--rate", "2000", "--duration", "5", "--then", "keep")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "every event counted: sent 10,000, processed 10,000, lag 0" in result.stdout
+    assert "stack keeps running" in result.stdout
