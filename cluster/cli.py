@@ -66,9 +66,8 @@ def _bring_up(settings: Settings) -> None:
     from cluster.deploy import connected, deploy
 
     _stack(settings).up()
-    if settings.ray.managed or settings.ray.address:
-        with connected(settings):
-            deploy(settings, _say)
+    with connected(settings):
+        deploy(settings, _say)
 
 
 @app.command()

@@ -57,30 +57,31 @@ def worker_config(settings: Settings) -> WorkerConfig:
     )
 
 
-def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> None:
-    """Create what is missing; must run inside :func:`connected`."""
-    ns = settings.ray.namespace
-    owner: Any = (
-        ray.remote(ClickHouseOwner)
+def _singleton(cls: type, name: str, namespace: str, *args: Any) -> Any:
+    """The named detached actor, created with ``args`` unless it exists already."""
+    return (
+        ray.remote(cls)
         .options(
-            name=OWNER_NAME,
-            namespace=ns,
+            name=name,
+            namespace=namespace,
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
             max_restarts=-1,
         )
-        .remote(settings.clickhouse_dsn(), settings.clickhouse.database)
+        .remote(*args)
+    )
+
+
+def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> None:
+    """Create what is missing; must run inside :func:`connected`."""
+    ns = settings.ray.namespace
+    owner = _singleton(
+        ClickHouseOwner, OWNER_NAME, ns, settings.clickhouse_dsn(), settings.clickhouse.database
     )
     ray.get(owner.ping.remote())
-    ray.remote(Coordinator).options(
-        name=COORDINATOR_NAME,
-        namespace=ns,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-    ).remote(worker_config(settings), settings.pipeline.workers, ns, 0)
+    workers = settings.pipeline.workers
+    _singleton(Coordinator, COORDINATOR_NAME, ns, worker_config(settings), workers, ns, 0)
     _deploy_serve(settings, say)
 
 

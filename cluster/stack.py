@@ -21,7 +21,7 @@ from pathlib import Path
 from adapters import kafka as kafka_adapter
 from adapters import postgres as pg_adapter
 from adapters import redis as redis_adapter
-from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open, tail
+from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open
 from cluster.settings import PROJECT_ROOT, Settings
 from core.exceptions import ConfigurationError
 
@@ -409,6 +409,3 @@ class LocalStack:
     def listening_ports(self) -> list[int]:
         """Ports of the local stack on which something still accepts connections."""
         return [p for p in self.settings.local_ports().values() if port_open(p)]
-
-    def log_tail(self, name: str) -> str:
-        return tail(self.logs / f"{name}.log")
