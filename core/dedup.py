@@ -73,6 +73,10 @@ class DedupFilter:
             dropped += self._drop(start)
         return dropped
 
+    def buckets(self) -> set[int]:
+        """Start times of the buckets held now."""
+        return set(self._buckets)
+
     def _drop(self, bucket: int) -> int:
         keys = self._buckets.pop(bucket)
         for key in keys:

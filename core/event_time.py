@@ -158,16 +158,13 @@ class WindowOperator:
         for event in events:
             ts = event["ts"]
             value = event["value"]
-            if isinstance(spec, Session):
-                if watermark is not None and ts + spec.gap_ms <= watermark:
-                    late.append(event)
-                else:
-                    self._add_to_session(group_of(event), ts, value)
-                continue
-            starts = spec.starts(ts)
-            if watermark is not None and starts[-1] + spec.length_ms <= watermark:
+            if self.is_late(ts, watermark):
                 late.append(event)
                 continue
+            if isinstance(spec, Session):
+                self._add_to_session(group_of(event), ts, value)
+                continue
+            starts = spec.starts(ts)
             group = group_of(event)
             for start in starts:
                 if watermark is not None and start + spec.length_ms <= watermark:
@@ -177,6 +174,15 @@ class WindowOperator:
                     agg = self._fixed[(group, start)] = Agg()
                 agg.add(value)
         return late
+
+    def is_late(self, ts: int, watermark: int | None) -> bool:
+        """True when every window that would hold ``ts`` has closed at ``watermark``."""
+        if watermark is None:
+            return False
+        spec = self.spec
+        if isinstance(spec, Session):
+            return ts + spec.gap_ms <= watermark
+        return spec.starts(ts)[-1] + spec.length_ms <= watermark
 
     def _add_to_session(self, group: Group, ts: int, value: float) -> None:
         assert isinstance(self.spec, Session)

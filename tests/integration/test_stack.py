@@ -111,4 +111,4 @@ def test_workers_publish_committed_offsets_for_standard_lag_tools(stack: Setting
     answer = futures[stack.kafka.consumer_group].result(30)
     committed = {tp.partition: tp.offset for tp in answer.topic_partitions}
     assert committed == ends
-    assert sum(ends.values()) > 10_000
+    assert sum(ends.values()) >= 10_000  # at least the demo's events
