@@ -6,7 +6,7 @@ Writers and the query API reach ClickHouse through it, with a DSN of ``chdb://``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -14,7 +14,7 @@ from ray.exceptions import RayActorError
 
 from adapters.clickhouse import ClickHouseStore
 from adapters.exceptions import StoreUnavailable
-from core.windows import Partial, WindowKey
+from core.partition_state import WindowResult
 
 OWNER_NAME = "rayline-clickhouse"
 
@@ -26,15 +26,13 @@ class ClickHouseOwner:
         self._store = ClickHouseStore(dsn, database)
         self._store.migrate()
 
-    def insert_window_partials(
-        self, window_seconds: int, partials: Mapping[WindowKey, Partial], token: str
-    ) -> int:
-        return self._store.insert_window_partials(window_seconds, partials, token)
+    def insert_window_results(self, results: Sequence[WindowResult]) -> int:
+        return self._store.insert_window_results(results)
 
-    def window_series(
-        self, tenant: str, type_: str, window_seconds: int, from_ms: int, to_ms: int
-    ) -> list[dict[str, Any]]:
-        return self._store.window_series(tenant, type_, window_seconds, from_ms, to_ms)
+    def window_results(
+        self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
+    ) -> list[WindowResult]:
+        return self._store.window_results(tenant, type_, window, from_ms, to_ms)
 
     def ping(self) -> bool:
         return self._store.ping()
@@ -46,10 +44,10 @@ class RemoteWindowSink:
     def __init__(self, namespace: str) -> None:
         self._namespace = namespace
 
-    def write(self, window_seconds: int, partials: Mapping[WindowKey, Partial], token: str) -> int:
+    def write(self, results: Sequence[WindowResult]) -> int:
         try:
             owner = ray.get_actor(OWNER_NAME, namespace=self._namespace)
-            ref: Any = owner.insert_window_partials.remote(window_seconds, partials, token)
+            ref: Any = owner.insert_window_results.remote(list(results))
             return int(ray.get(ref))
         except (RayActorError, ValueError) as exc:
             raise StoreUnavailable(f"ClickHouse owner actor is unavailable: {exc}") from exc

@@ -1,13 +1,17 @@
 """The coordinator: assigns each raw-topic partition to exactly one PartitionWorker.
 
 The assignment itself is pure (``core.assignment``); this module holds every Ray call
-of the coordinator and its workers. Workers are owned by the coordinator (they share
-its fate) and restart with the same assignment, resuming from committed offsets.
+of the coordinator and its workers. Each assignment has an epoch drawn from a
+PostgreSQL sequence, so epochs grow across coordinator restarts too, and a worker of
+an older epoch is fenced off the partitions it no longer owns (its snapshot writes
+are refused). Workers are owned by the coordinator and restart with the same
+assignment after a crash, resuming from their snapshots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 import ray
@@ -15,9 +19,12 @@ import ray
 from actors.clickhouse_owner import RemoteWindowSink
 from actors.partition_worker import PartitionWorker, WorkerConfig
 from adapters.kafka import partition_ids
+from adapters.postgres import CheckpointStore
 from core.assignment import Assignment, assign_partitions
+from core.partition_state import WindowResult
 
 COORDINATOR_NAME = "rayline-coordinator"
+log = logging.getLogger(__name__)
 
 
 class PartitionWorkerActor:
@@ -29,12 +36,17 @@ class PartitionWorkerActor:
     def stats(self) -> dict[str, Any]:
         return self._worker.stats()
 
+    def open_windows(
+        self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
+    ) -> list[WindowResult]:
+        return self._worker.open_windows(tenant, type_, window, from_ms, to_ms)
+
     def stop(self) -> None:
         self._worker.stop()
 
 
 class Coordinator:
-    """Actor body: starts workers for an epoch and reports their progress."""
+    """Actor body: starts workers for an epoch, rescales them, reports their progress."""
 
     def __init__(
         self, config: WorkerConfig, workers: int, namespace: str, worker_num_cpus: float
@@ -42,19 +54,20 @@ class Coordinator:
         self._config = config
         self._namespace = namespace
         self._worker_num_cpus = worker_num_cpus
+        self._store = CheckpointStore(config.checkpoint_dsn)
         self._epoch = 0
         self._workers: list[Any] = []
         self._assignments: list[Assignment] = []
         self._start(workers)
 
     def _start(self, workers: int) -> None:
-        self._epoch += 1
+        self._epoch = self._store.next_epoch()
         partitions = partition_ids(self._config.bootstrap, self._config.topic)
         self._assignments = assign_partitions(partitions, workers, self._epoch)
         actor_cls = ray.remote(PartitionWorkerActor)
         self._workers = [
             actor_cls.options(
-                name=f"rayline-worker-{a.worker}",
+                name=f"rayline-worker-{self._epoch}-{a.worker}",
                 namespace=self._namespace,
                 max_restarts=-1,
                 max_concurrency=4,
@@ -62,6 +75,18 @@ class Coordinator:
             ).remote(self._config, a, self._namespace)
             for a in self._assignments
         ]
+
+    def scale(self, workers: int) -> dict[str, Any]:
+        """Move to ``workers`` workers under a new epoch; ingest goes on meanwhile.
+
+        The old workers stop after their current batch (their snapshots are saved);
+        one that does not stop in time is killed, and its late writes are fenced.
+        """
+        if workers < 1:
+            raise ValueError(f"need at least one worker, got {workers}")
+        self._stop_workers()
+        self._start(workers)
+        return self.status()
 
     def status(self) -> dict[str, Any]:
         stats = []
@@ -80,9 +105,25 @@ class Coordinator:
                 )
         return {"epoch": self._epoch, "topic": self._config.topic, "workers": stats}
 
-    def stop(self) -> None:
-        for handle in self._workers:
+    def open_windows(
+        self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
+    ) -> list[WindowResult]:
+        refs = [w.open_windows.remote(tenant, type_, window, from_ms, to_ms) for w in self._workers]
+        found: list[WindowResult] = []
+        for ref in refs:
+            try:
+                found.extend(ray.get(ref, timeout=10))
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                log.warning("a worker did not report its open windows: %s", exc)
+        return found
+
+    def _stop_workers(self) -> None:
+        stops = [handle.stop.remote() for handle in self._workers]
+        for handle, ref in zip(self._workers, stops, strict=True):
             with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
-                ray.get(handle.stop.remote(), timeout=15)
-            ray.kill(handle)
+                ray.get(ref, timeout=15)
+            ray.kill(handle, no_restart=True)
         self._workers = []
+
+    def stop(self) -> None:
+        self._stop_workers()

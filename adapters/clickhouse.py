@@ -4,16 +4,16 @@ The same client API serves both DSNs, so the code above this module does not kno
 which one it talks to. chDB allows one process per data folder; Rayline keeps that
 process in one actor (``actors.clickhouse_owner``) that writers and queries go through.
 
-Sink contract of :meth:`ClickHouseStore.insert_window_partials`: the call returns
-after ClickHouse has stored the block. A repeated call with the same ``token`` is a
-no-op (``insert_deduplication_token`` on a table with a deduplication window), so a
-caller may retry a failed or unacknowledged write, and may commit the Kafka offsets
-that produced the block only after the call returned.
+Sink contract of :meth:`ClickHouseStore.insert_window_results`: the call returns
+after ClickHouse has stored the rows. Each row is keyed by (tenant, type, window kind,
+window start, partition) in a ``ReplacingMergeTree``, and reads use ``FINAL``, so
+writing the same closed window again (a retry, or a replay after a crash) replaces
+the row instead of adding to it. A caller may retry a failed write at will.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,7 +21,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from adapters.exceptions import StoreUnavailable
-from core.windows import Partial, WindowKey
+from core.partition_state import WindowResult
 
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -42,6 +42,31 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         SETTINGS non_replicated_deduplication_window = 100000
         """,
     ),
+    (
+        2,
+        # One row per closed window, group and Kafka partition. A replayed window has
+        # the same sort key and replaces the earlier row, so writes are idempotent.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.window_results
+        (
+            window LowCardinality(String),
+            tenant LowCardinality(String),
+            type LowCardinality(String),
+            window_start DateTime64(3, 'UTC'),
+            window_end DateTime64(3, 'UTC'),
+            partition UInt16,
+            count UInt64,
+            sum Float64,
+            min Float64,
+            max Float64,
+            written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        )
+        ENGINE = ReplacingMergeTree(written_at)
+        PARTITION BY toYYYYMM(window_start)
+        ORDER BY (tenant, type, window, window_start, partition)
+        """,
+    ),
+    (3, "DROP TABLE IF EXISTS {db}.window_aggregates"),
 )
 
 
@@ -79,48 +104,76 @@ class ClickHouseStore:
             applied.append(version)
         return applied
 
-    def insert_window_partials(
-        self, window_seconds: int, partials: Mapping[WindowKey, Partial], token: str
-    ) -> int:
-        """Store one block of window partials; idempotent per ``token``."""
+    def insert_window_results(self, results: Sequence[WindowResult]) -> int:
+        """Store closed windows; a window stored again replaces its earlier row."""
         rows = [
-            [tenant, type_, window_seconds, _utc(start), p.count, p.sum]
-            for (tenant, type_, start), p in partials.items()
+            [
+                r.window,
+                r.tenant,
+                r.type,
+                _utc(r.start),
+                _utc(r.end),
+                r.partition,
+                r.count,
+                r.sum,
+                r.min,
+                r.max,
+            ]
+            for r in results
         ]
         if not rows:
             return 0
         try:
             self._client.insert(
-                f"{self._database}.window_aggregates",
+                f"{self._database}.window_results",
                 rows,
-                column_names=["tenant", "type", "window_seconds", "window_start", "count", "sum"],
-                settings={"insert_deduplication_token": token},
+                column_names=[
+                    "window",
+                    "tenant",
+                    "type",
+                    "window_start",
+                    "window_end",
+                    "partition",
+                    "count",
+                    "sum",
+                    "min",
+                    "max",
+                ],
             )
         except ClickHouseError as exc:
-            raise StoreUnavailable(f"ClickHouse rejected a window block ({token}): {exc}") from exc
+            raise StoreUnavailable(f"ClickHouse rejected {len(rows)} window rows: {exc}") from exc
         return len(rows)
 
-    def window_series(
-        self, tenant: str, type_: str, window_seconds: int, from_ms: int, to_ms: int
-    ) -> list[dict[str, Any]]:
-        """Closed and partial windows of one metric, merged, oldest first."""
+    def window_results(
+        self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
+    ) -> list[WindowResult]:
+        """Closed windows of one metric starting in [from, to), one row per partition."""
         rows = self._query(
-            f"SELECT toUnixTimestamp64Milli(window_start), sum(count), sum(sum) "
-            f"FROM {self._database}.window_aggregates "
+            "SELECT toUnixTimestamp64Milli(window_start), toUnixTimestamp64Milli(window_end), "
+            "partition, count, sum, min, max "
+            f"FROM {self._database}.window_results FINAL "
             "WHERE tenant = {tenant:String} AND type = {type:String} "
-            "AND window_seconds = {ws:UInt32} "
+            "AND window = {window:String} "
             "AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') "
             "AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC') "
-            "GROUP BY window_start ORDER BY window_start",
-            {
-                "tenant": tenant,
-                "type": type_,
-                "ws": window_seconds,
-                "from_ms": from_ms,
-                "to_ms": to_ms,
-            },
+            "ORDER BY window_start, partition",
+            {"tenant": tenant, "type": type_, "window": window, "from_ms": from_ms, "to_ms": to_ms},
         )
-        return [{"start_ms": int(r[0]), "count": int(r[1]), "sum": float(r[2])} for r in rows]
+        return [
+            WindowResult(
+                window,
+                int(r[2]),
+                tenant,
+                type_,
+                int(r[0]),
+                int(r[1]),
+                int(r[3]),
+                float(r[4]),
+                float(r[5]),
+                float(r[6]),
+            )
+            for r in rows
+        ]
 
     def ping(self) -> bool:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 
@@ -45,3 +46,116 @@ def answers(dsn: str) -> bool:
         return asyncio.run(_ping(dsn))
     except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
+
+
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE SEQUENCE IF NOT EXISTS coordinator_epoch;
+        CREATE TABLE IF NOT EXISTS partition_checkpoints (
+            topic text NOT NULL,
+            partition integer NOT NULL,
+            epoch bigint NOT NULL,
+            next_offset bigint NOT NULL,
+            state bytea NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (topic, partition)
+        );
+        """,
+    ),
+)
+
+
+async def _migrate(dsn: str) -> list[int]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations "
+            "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for version, sql in _MIGRATIONS:
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+        return applied
+    finally:
+        await conn.close()
+
+
+def migrate(dsn: str) -> list[int]:
+    """Bring Rayline's PostgreSQL schema up to date; return the versions applied now."""
+    try:
+        return asyncio.run(_migrate(dsn))
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise StoreUnavailable(f"PostgreSQL migration failed: {exc}") from exc
+
+
+class Fenced(StoreUnavailable):
+    """A newer epoch owns the partition; this owner must stop writing it."""
+
+
+class CheckpointStore:
+    """Partition snapshots with epoch fencing, for use from one (non-async) thread.
+
+    ``save`` writes a snapshot only when no newer epoch has written one for the
+    partition; otherwise it raises :class:`Fenced`. A snapshot returned by ``load`` is
+    the last one saved, whole (one row, one statement).
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection | None = None
+
+    def _call(self, sql: str, *args: object, fetch: str = "fetchrow") -> object:
+        async def run() -> object:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            return await getattr(self._conn, fetch)(sql, *args, timeout=30)
+
+        try:
+            return self._loop.run_until_complete(run())
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            self._conn = None
+            raise StoreUnavailable(f"PostgreSQL checkpoint store failed: {exc}") from exc
+
+    def next_epoch(self) -> int:
+        return int(self._call("SELECT nextval('coordinator_epoch')", fetch="fetchval"))  # type: ignore[call-overload]
+
+    def load(self, topic: str, partition: int) -> tuple[int, int, bytes] | None:
+        """(epoch, next offset, state) of the last snapshot, or None."""
+        row: Any = self._call(
+            "SELECT epoch, next_offset, state FROM partition_checkpoints "
+            "WHERE topic = $1 AND partition = $2",
+            topic,
+            partition,
+        )
+        return None if row is None else (row["epoch"], row["next_offset"], bytes(row["state"]))
+
+    def save(self, topic: str, partition: int, epoch: int, next_offset: int, state: bytes) -> None:
+        written = self._call(
+            "INSERT INTO partition_checkpoints AS c (topic, partition, epoch, next_offset, state) "
+            "VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET epoch = EXCLUDED.epoch, "
+            "next_offset = EXCLUDED.next_offset, state = EXCLUDED.state, updated_at = now() "
+            "WHERE c.epoch <= EXCLUDED.epoch RETURNING 1",
+            topic,
+            partition,
+            epoch,
+            next_offset,
+            state,
+            fetch="fetchval",
+        )
+        if written is None:
+            raise Fenced(f"partition {topic}/{partition} belongs to a newer epoch than {epoch}")
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            self._loop.run_until_complete(self._conn.close())
+        self._loop.close()

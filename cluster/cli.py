@@ -171,6 +171,30 @@ def status(
         _print_status(settings)
 
 
+scale_app = typer.Typer(help="Change how many actors do the work, while it runs.")
+app.add_typer(scale_app, name="scale")
+
+
+@scale_app.command("workers")
+def scale_workers(
+    ctx: typer.Context,
+    count: Annotated[int, typer.Argument(min=1, help="Partition workers to run.")],
+) -> None:
+    """Reassign the raw topic's partitions over COUNT workers under a new epoch.
+
+    Ingest goes on meanwhile; the old workers save their snapshots and stop, the new
+    ones resume from them. A lasting change belongs in `pipeline.workers` too.
+    """
+    from cluster.deploy import connected
+    from cluster.deploy import scale_workers as scale
+
+    settings = _settings(ctx)
+    with connected(settings):
+        report = scale(settings, count)
+    owned = {w["worker"]: w["partitions"] for w in report["workers"]}
+    console.print(f"epoch {report['epoch']}: {len(owned)} workers, partitions {owned}")
+
+
 class Then(StrEnum):
     wait = "wait"
     stop = "stop"

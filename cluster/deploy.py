@@ -19,6 +19,7 @@ from actors.coordinator import COORDINATOR_NAME, Coordinator
 from actors.partition_worker import WorkerConfig
 from cluster.processes import ServiceFailed
 from cluster.settings import Settings
+from core.partition_state import ProcessingConfig, parse_window
 from serve_apps.ingest import IngestAPI, IngestConfig
 from serve_apps.query import QueryAPI, QueryConfig
 
@@ -53,7 +54,19 @@ def worker_config(settings: Settings) -> WorkerConfig:
         group_id=settings.kafka.consumer_group,
         batch_max_records=settings.pipeline.batch_max_records,
         batch_max_ms=settings.pipeline.batch_max_ms,
-        window_seconds=settings.pipeline.window_seconds,
+        processing=processing_config(settings),
+        checkpoint_dsn=settings.postgres.dsn(),
+    )
+
+
+def processing_config(settings: Settings) -> ProcessingConfig:
+    p = settings.pipeline
+    return ProcessingConfig(
+        windows=tuple(parse_window(w) for w in p.windows),
+        allowed_lateness_ms=int(p.allowed_lateness_seconds * 1000),
+        idle_timeout_ms=int(p.idle_timeout_seconds * 1000),
+        dedup_horizon_ms=int(p.dedup_horizon_seconds * 1000),
+        dedup_max_ids=p.dedup_max_ids,
     )
 
 
@@ -115,7 +128,8 @@ def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
             QueryConfig(
                 namespace=settings.ray.namespace,
                 clickhouse_actor=OWNER_NAME,
-                window_seconds=settings.pipeline.window_seconds,
+                coordinator_actor=COORDINATOR_NAME,
+                windows=settings.pipeline.windows,
             )
         )
         serve.run(query, name=QUERY_APP, route_prefix="/v1/metrics", blocking=False)
@@ -148,3 +162,9 @@ def pipeline_status(settings: Settings) -> dict[str, Any] | None:
     except ValueError:
         return None
     return dict(ray.get(coordinator.status.remote(), timeout=30))
+
+
+def scale_workers(settings: Settings, workers: int) -> dict[str, Any]:
+    """Change the number of partition workers at run time (a new epoch)."""
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=settings.ray.namespace)
+    return dict(ray.get(coordinator.scale.remote(workers), timeout=120))

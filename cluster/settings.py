@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -143,7 +143,44 @@ class PipelineSettings(_Part):
     workers: int = Field(2, ge=1, description="PartitionWorker actors sharing the raw topic.")
     batch_max_records: int = Field(5000, ge=1, description="Most records in one micro-batch.")
     batch_max_ms: int = Field(200, ge=1, description="Longest wait to fill one micro-batch (ms).")
-    window_seconds: int = Field(60, ge=1, description="Size of the tumbling windows (seconds).")
+    windows: tuple[str, ...] = Field(
+        ("1m", "5m/1m"),
+        min_length=1,
+        description="Window kinds: `1m` tumbling, `5m/1m` hopping (size/hop), `session:30s`. "
+        "The first is the query API's default.",
+    )
+    allowed_lateness_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How far behind the newest event time an event may arrive "
+        "before it is late (dead-lettered with reason `late`).",
+    )
+    idle_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="After this long without events, a partition's watermark "
+        "follows the wall clock, so its windows close without new data.",
+    )
+    dedup_horizon_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Event-time span within which a repeated (source, event_id) "
+        "is dropped as a duplicate.",
+    )
+    dedup_max_ids: int = Field(
+        2_000_000, ge=1000, description="Most ids one partition remembers for dedup."
+    )
+
+    @field_validator("windows")
+    @classmethod
+    def _windows_parse(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from core.partition_state import parse_window
+
+        for text in value:
+            parse_window(text)  # raises ValueError naming the bad one
+        if len(set(value)) != len(value):
+            raise ValueError(f"window kinds must be distinct, got {list(value)}")
+        return value
 
 
 class Settings(BaseSettings):

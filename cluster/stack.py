@@ -386,6 +386,9 @@ class LocalStack:
             self.say(f"created topics {', '.join(created)}")
         if pg_adapter.ensure_database(self._pg_admin_dsn(), s.postgres.database):
             self.say(f"created PostgreSQL database {s.postgres.database}")
+        applied = pg_adapter.migrate(s.postgres.dsn())
+        if applied:
+            self.say(f"applied PostgreSQL migrations {applied}")
         return self.status()
 
     def down(self) -> list[str]:

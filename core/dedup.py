@@ -25,7 +25,11 @@ class DedupStats:
 
 @dataclass
 class DedupFilter:
-    """Remembers ``(source, event_id)`` pairs for ``horizon_ms`` of event time."""
+    """Remembers ``(tenant, source, event_id)`` for ``horizon_ms`` of event time.
+
+    An id is unique within its source, and one source (the events API, say) takes
+    events of many tenants, each with ids of its own: the tenant is part of the key.
+    """
 
     horizon_ms: int
     bucket_ms: int = 10_000
@@ -53,7 +57,7 @@ class DedupFilter:
         dupes: list[Mapping[str, Any]] = []
         bucket_of = self._bucket_of
         for event in events:
-            key = f"{event['source']}\x1f{event['event_id']}"
+            key = f"{event['tenant']}\x1f{event['source']}\x1f{event['event_id']}"
             if key in bucket_of:
                 dupes.append(event)
                 continue

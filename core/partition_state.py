@@ -261,3 +261,39 @@ def _decode(ref: RecordRef) -> tuple[dict[str, Any] | None, str]:
         return None, problem
     event.setdefault("source", "")
     return event, ""
+
+
+def combine_results(
+    closed: Sequence[WindowResult], live: Sequence[WindowResult]
+) -> list[dict[str, Any]]:
+    """Merge stored (closed) and live (open) rows into one row per window start.
+
+    Rows are per partition; a partition's window is either still open in its worker
+    or stored, and when it shows up in both (it closed between the two reads) the
+    stored row wins, so nothing counts twice.
+    """
+    rows: dict[tuple[int, int], tuple[WindowResult, bool]] = {
+        (r.start, r.partition): (r, True) for r in live
+    }
+    rows.update({(r.start, r.partition): (r, False) for r in closed})
+    merged: dict[int, dict[str, Any]] = {}
+    for (start, _partition), (r, is_open) in sorted(rows.items()):
+        m = merged.get(start)
+        if m is None:
+            merged[start] = {
+                "start": start,
+                "end": r.end,
+                "count": r.count,
+                "sum": r.sum,
+                "min": r.min,
+                "max": r.max,
+                "open": is_open,
+            }
+            continue
+        m["end"] = max(m["end"], r.end)
+        m["count"] += r.count
+        m["sum"] += r.sum
+        m["min"] = min(m["min"], r.min)
+        m["max"] = max(m["max"], r.max)
+        m["open"] = m["open"] or is_open
+    return list(merged.values())

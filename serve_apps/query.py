@@ -1,12 +1,15 @@
 """Query Serve app: ``GET /v1/metrics/{type}`` returns the windows of one metric.
 
-Every parameter is checked before it reaches ClickHouse and bound there, never
-formatted into SQL. Bad parameters answer 422 naming the parameter.
+Closed windows come from ClickHouse; windows still open come live from the partition
+workers, so a window is visible from its first event on. Every parameter is checked
+before it reaches ClickHouse and bound there, never formatted into SQL. Bad
+parameters answer 422 naming the parameter.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves handler annotations at
 # run time, and inside Serve's ingress wrapper postponed ones are not found.
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,13 +22,15 @@ from ray import serve
 from ray.exceptions import RayError
 
 from core.envelope import name_problem, parse_event_time
+from core.partition_state import combine_results
 from serve_apps.http import error_response
 
 app = FastAPI(
     title="Rayline query API",
-    description="Reads window aggregates back from ClickHouse.",
+    description="Reads window aggregates: closed ones from ClickHouse, open ones live.",
     default_response_class=ORJSONResponse,
 )
+log = logging.getLogger(__name__)
 
 _MAX_RANGE_MS = 366 * 24 * 3600 * 1000
 
@@ -35,7 +40,10 @@ class QueryConfig:
     namespace: str
     clickhouse_actor: str
     """Name of the actor that owns the ClickHouse client."""
-    window_seconds: int
+    coordinator_actor: str
+    """Name of the coordinator, which gathers the workers' open windows."""
+    windows: tuple[str, ...]
+    """Window kinds the pipeline computes; the first is the default."""
 
 
 def _iso(ms: int) -> str:
@@ -61,8 +69,8 @@ class QueryAPI:
     def __init__(self, config: QueryConfig) -> None:
         self._config = config
 
-    def _owner(self) -> Any:
-        return ray.get_actor(self._config.clickhouse_actor, namespace=self._config.namespace)
+    def _actor(self, name: str) -> Any:
+        return ray.get_actor(name, namespace=self._config.namespace)
 
     @app.get("/{metric_type}")
     async def metric_windows(
@@ -71,12 +79,19 @@ class QueryAPI:
         tenant: str = Query(..., description="Tenant whose events are counted."),
         from_: str | None = Query(None, alias="from", description="Start (RFC 3339 or epoch s)."),
         to: str | None = Query(None, description="End, exclusive (RFC 3339 or epoch s)."),
+        window: str | None = Query(None, description="Window kind, e.g. 1m or 5m/1m."),
     ) -> Any:
+        cfg = self._config
         problems: list[dict[str, str]] = []
         for field, value in (("tenant", tenant), ("type", metric_type)):
             problem = name_problem(field, value)
             if problem is not None:
                 problems.append({"field": field, "message": problem})
+        kind = window or cfg.windows[0]
+        if kind not in cfg.windows:
+            problems.append(
+                {"field": "window", "message": f"expected one of {list(cfg.windows)}, got {kind!r}"}
+            )
         now_ms = int(time.time() * 1000)
         to_ms = _time_param("to", to, now_ms + 60_000, problems)
         from_ms = _time_param("from", from_, to_ms - 3_600_000, problems)
@@ -89,21 +104,35 @@ class QueryAPI:
             )
         if problems:
             return error_response(422, "invalid query parameters", errors=problems)
-        window = self._config.window_seconds
+        args = (tenant, metric_type, kind, from_ms, to_ms)
+        live: list[Any] = []
         try:
-            rows = await self._owner().window_series.remote(
-                tenant, metric_type, window, from_ms, to_ms
-            )
+            live = await self._actor(cfg.coordinator_actor).open_windows.remote(*args)
+        except (RayError, ValueError) as exc:
+            log.warning("open windows unavailable, answering with closed ones: %s", exc)
+        try:
+            closed = await self._actor(cfg.clickhouse_actor).window_results.remote(*args)
         except (RayError, ValueError) as exc:
             return error_response(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
+        rows = combine_results(closed, live)
         return {
             "tenant": tenant,
             "type": metric_type,
-            "window_seconds": window,
+            "window": kind,
             "from": _iso(from_ms),
             "to": _iso(to_ms),
             "windows": [
-                {"start": _iso(r["start_ms"]), "count": r["count"], "sum": r["sum"]} for r in rows
+                {
+                    "start": _iso(r["start"]),
+                    "end": _iso(r["end"]),
+                    "count": r["count"],
+                    "sum": r["sum"],
+                    "min": r["min"],
+                    "max": r["max"],
+                    "avg": r["sum"] / r["count"] if r["count"] else None,
+                    "open": r["open"],
+                }
+                for r in rows
             ],
             "total": {
                 "count": sum(r["count"] for r in rows),

@@ -35,9 +35,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("stack_teardown") is not None)
 
 
+# The test stack allows an hour of lateness, so that tests may place events at known
+# times in the recent past (and close windows on purpose by sending a later event).
+STACK_ENV = {"RAYLINE_PIPELINE__ALLOWED_LATENESS_SECONDS": "3600"}
+
+
 @pytest.fixture(scope="session")
-def settings() -> Settings:
-    return load_settings()
+def settings() -> Iterator[Settings]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in STACK_ENV.items():
+            patch.setenv(name, value)
+        yield load_settings()
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from core.dedup import DedupFilter
 SECOND = 1000
 
 
-def ev(event_id: str, ts: int, source: str = "api") -> dict[str, Any]:
-    return {"event_id": event_id, "source": source, "ts": ts}
+def ev(event_id: str, ts: int, source: str = "api", tenant: str = "acme") -> dict[str, Any]:
+    return {"event_id": event_id, "source": source, "ts": ts, "tenant": tenant}
 
 
 def ids(events: list[Any]) -> list[str]:
@@ -29,10 +29,10 @@ def test_second_sighting_is_a_duplicate_within_and_across_batches() -> None:
     assert dedup.stats.duplicates == 2
 
 
-def test_same_id_from_another_source_is_not_a_duplicate() -> None:
+def test_same_id_from_another_source_or_tenant_is_not_a_duplicate() -> None:
     dedup = DedupFilter(horizon_ms=60 * SECOND)
-    fresh, _ = dedup.split([ev("a", 1, "billing"), ev("a", 1, "crm")])
-    assert len(fresh) == 2
+    fresh, _ = dedup.split([ev("a", 1, "billing"), ev("a", 1, "crm"), ev("a", 1, "crm", "globex")])
+    assert len(fresh) == 3
 
 
 def test_ids_are_forgotten_once_the_watermark_passes_the_horizon() -> None:

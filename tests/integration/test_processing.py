@@ -1,0 +1,137 @@
+"""Event-time processing on the real stack: windows close into ClickHouse, late events
+go to the dead-letter topic, duplicates count once, and a killed or rescaled worker
+neither loses nor double-counts anything."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from adapters.kafka import end_offsets
+from cluster.settings import Settings
+from tests.integration.conftest import eventually, rayline, read_from
+
+
+def minute_now() -> int:
+    return int(time.time()) // 60 * 60
+
+
+def event(tenant: str, n: int, ts_s: float, value: float = 1, **extra: Any) -> dict[str, Any]:
+    fields = {"event_id": f"p-{n}", "tenant": tenant, "type": "click", "ts": ts_s, "value": value}
+    return {**fields, **extra}
+
+
+def metric(http: httpx.Client, tenant: str, **params: Any) -> dict[str, Any]:
+    now = time.time()
+    query = {"tenant": tenant, "from": now - 3 * 3600, "to": now + 3600, **params}
+    answer = http.get("/v1/metrics/click", params=query)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def post(http: httpx.Client, events: list[dict[str, Any]]) -> None:
+    answer = http.post("/v1/events", json=events)
+    assert answer.status_code == 202, answer.text
+
+
+def test_windows_close_into_clickhouse_and_late_events_are_dead_lettered(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    # All on one entity, hence one partition, whose watermark the test moves.
+    now = minute_now()
+    base = now - 3540  # a minute boundary, on time for the hour of lateness
+    post(http, [event(tenant, i, base + 20 * i, i, entity="e") for i in range(6)])
+    live = eventually(lambda: metric(http, tenant), lambda m: m["total"]["count"] == 6)
+    assert [w["open"] for w in live["windows"]] == [True, True]
+    # An event 200 s ahead moves that partition's watermark to now - 3400 s
+    # (lateness 1 h): the two minutes at `base` close and are written to ClickHouse.
+    post(http, [event(tenant, 100, now + 200, 0, entity="e", type="tick")])
+    closed = eventually(
+        lambda: metric(http, tenant),
+        lambda m: len(m["windows"]) == 2 and not any(w["open"] for w in m["windows"]),
+    )
+    assert [(w["count"], w["sum"]) for w in closed["windows"]] == [(3, 3.0), (3, 12.0)]
+    hopping = metric(http, tenant, window="5m/1m")
+    assert sum(w["count"] for w in hopping["windows"]) == 5 * 6
+
+    dlq_before = end_offsets(stack.kafka.bootstrap, stack.kafka.dlq_topic)
+    post(http, [event(tenant, 200, now - 7200, 50, entity="e")])  # two hours old: late
+    (letter,) = read_from(stack, stack.kafka.dlq_topic, dlq_before, 1)
+    assert dict(letter.headers())["reason"] == b"late"
+    assert f'"event_id":"p-200","source":"api","tenant":"{tenant}"' in letter.value().decode()
+    time.sleep(1)
+    assert metric(http, tenant)["total"] == {"count": 6, "sum": 15.0}
+
+
+def test_a_repeated_event_counts_once(http: httpx.Client, tenant: str) -> None:
+    batch = [event(tenant, i, minute_now() - 600 + i, 2) for i in range(20)]
+    post(http, batch)
+    post(http, batch[5:15])  # a sender's retry
+    post(http, [batch[0], batch[0]])
+    done = eventually(lambda: metric(http, tenant), lambda m: m["total"]["count"] >= 20)
+    time.sleep(1.5)
+    assert metric(http, tenant)["total"] == done["total"] == {"count": 20, "sum": 40.0}
+
+
+@pytest.fixture
+def driver(stack: Settings) -> Iterator[None]:
+    ray.init(address=stack.ray.address, namespace=stack.ray.namespace, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def workers(stack: Settings) -> list[Any]:
+    coordinator = ray.get_actor("rayline-coordinator", namespace=stack.ray.namespace)
+    ref: Any = coordinator.status.remote()
+    status: dict[str, Any] = ray.get(ref)
+    return [
+        ray.get_actor(
+            f"rayline-worker-{status['epoch']}-{w['worker']}", namespace=stack.ray.namespace
+        )
+        for w in status["workers"]
+    ]
+
+
+def test_a_killed_worker_resumes_from_its_snapshot(
+    http: httpx.Client, stack: Settings, tenant: str, driver: None
+) -> None:
+    now = minute_now()
+    first = [event(tenant, i, now - 900 + i % 60, 1, entity=f"d{i % 50}") for i in range(500)]
+    post(http, first)
+    eventually(lambda: metric(http, tenant), lambda m: m["total"]["count"] >= 500)
+    for handle in workers(stack):
+        ray.kill(handle, no_restart=False)  # like SIGKILL; Ray restarts the actor
+    second = [
+        event(tenant, 1000 + i, now - 900 + i % 60, 1, entity=f"d{i % 50}") for i in range(500)
+    ]
+    post(http, second + first[:100])  # and some repeats across the restart
+    answer = eventually(
+        lambda: metric(http, tenant), lambda m: m["total"]["count"] >= 1000, timeout=120
+    )
+    time.sleep(2)
+    assert answer["total"] == metric(http, tenant)["total"] == {"count": 1000, "sum": 1000.0}
+
+
+def test_scaling_workers_keeps_every_count(
+    http: httpx.Client, stack: Settings, tenant: str
+) -> None:
+    now = minute_now()
+    post(http, [event(tenant, i, now - 300, 1, entity=f"s{i}") for i in range(300)])
+    for count in (3, 1, stack.pipeline.workers):
+        result = rayline("scale", "workers", str(count))
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f": {count} workers" in result.stdout
+        more = [event(tenant, 1000 * count + i, now - 300, 1, entity=f"s{i}") for i in range(100)]
+        post(http, more)
+    expected = 300 + 3 * 100
+    answer = eventually(
+        lambda: metric(http, tenant), lambda m: m["total"]["count"] >= expected, timeout=120
+    )
+    time.sleep(2)
+    assert answer["total"]["count"] == metric(http, tenant)["total"]["count"] == expected
