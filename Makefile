@@ -8,7 +8,7 @@ CACHE ?= $(HOME)/.cache/rayline
 export PIP_CACHE_DIR ?= $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: help setup system-deps demo up down status test lint unit integration lock clean docs
+.PHONY: help setup system-deps demo up down status test lint unit integration lock clean docs bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,10 @@ integration: setup  ## tests against the real local stack (started and stopped h
 	$(BIN)/pytest tests/integration -q; status=$$?; $(BIN)/rayline down >/dev/null 2>&1 || true; exit $$status
 
 test: lint unit integration  ## everything CI runs
+
+bench: setup  ## processing throughput next to a bare Kafka consumer (stack started and stopped)
+	$(BIN)/rayline up >/dev/null
+	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000}; status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
 
 docs: setup  ## regenerate docs/configuration.md from the settings object
 	$(BIN)/rayline config --describe --markdown > docs/configuration.md.tmp

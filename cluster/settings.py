@@ -141,7 +141,7 @@ class ServeSettings(_Part):
 
 class PipelineSettings(_Part):
     workers: int = Field(2, ge=1, description="PartitionWorker actors sharing the raw topic.")
-    batch_max_records: int = Field(5000, ge=1, description="Most records in one micro-batch.")
+    batch_max_records: int = Field(20_000, ge=1, description="Most records in one micro-batch.")
     batch_max_ms: int = Field(200, ge=1, description="Longest wait to fill one micro-batch (ms).")
     windows: tuple[str, ...] = Field(
         ("1m", "5m/1m"),

@@ -12,7 +12,7 @@ still recognises the ids it saw before its checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,23 @@ class DedupFilter:
         self.stats.duplicates += len(dupes)
         self._enforce_cap()
         return fresh, dupes
+
+    def split_keys(self, keys: Sequence[str], ts: Sequence[int]) -> list[bool]:
+        """Like :meth:`split` for prepared keys: True where the event is a first sighting."""
+        bucket_of = self._bucket_of
+        size = self.bucket_ms
+        fresh = []
+        for key, t in zip(keys, ts, strict=True):
+            if key in bucket_of:
+                fresh.append(False)
+                continue
+            bucket = t - t % size
+            bucket_of[key] = bucket
+            self._buckets.setdefault(bucket, []).append(key)
+            fresh.append(True)
+        self.stats.duplicates += len(fresh) - sum(fresh)
+        self._enforce_cap()
+        return fresh
 
     def advance(self, watermark_ms: int) -> int:
         """Forget buckets wholly older than ``watermark - horizon``; return ids dropped."""

@@ -175,6 +175,14 @@ class WindowOperator:
                 agg.add(value)
         return late
 
+    def merge_partial(self, group: Group, start: int, partial: Agg) -> None:
+        """Fold a pre-aggregated partial into the fixed window at ``start``."""
+        agg = self._fixed.get((group, start))
+        if agg is None:
+            self._fixed[(group, start)] = partial
+        else:
+            agg.merge(partial)
+
     def is_late(self, ts: int, watermark: int | None) -> bool:
         """True when every window that would hold ``ts`` has closed at ``watermark``."""
         if watermark is None:

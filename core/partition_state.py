@@ -22,11 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 
+from core.columnar import Columns, decode_batch, late_mask, window_partials
 from core.dedup import DedupFilter
 from core.envelope import check_stored
 from core.event_time import (
+    Agg,
     ClosedWindow,
     Group,
     Hopping,
@@ -130,7 +133,49 @@ class PartitionState:
     # Processing ----------------------------------------------------------------
 
     def process(self, records: Sequence[RecordRef], wall_ms: int) -> BatchOutcome:
-        """Fold one batch of this partition's records (in offset order)."""
+        """Fold one batch of this partition's records (in offset order).
+
+        Clean batches take the columnar path; a batch with any bad record takes the
+        per-record path, which says why each bad record was rejected.
+        """
+        sessions = any(isinstance(op.spec, Session) for op in self.operators.values())
+        cols = None if sessions else decode_batch([r.value for r in records])
+        out = (
+            self._process_columns(records, cols, wall_ms)
+            if cols
+            else self._process_records(records, wall_ms)
+        )
+        if records:
+            self.next_offset = records[-1].offset + 1
+        out.closed = self.tick(wall_ms)
+        return out
+
+    def _process_columns(
+        self, records: Sequence[RecordRef], cols: Columns, wall_ms: int
+    ) -> BatchOutcome:
+        out = BatchOutcome()
+        fresh_mask = np.array(self.dedup.split_keys(cols.dedup_keys(), cols.ts.tolist()))
+        out.duplicates = int((~fresh_mask).sum())
+        offsets = np.array([r.offset for r in records])
+        self._note_bucket_offsets(cols.ts[fresh_mask], offsets[fresh_mask])
+        mark = self.watermark.current(wall_ms)
+        late = np.zeros(len(cols), dtype=bool)
+        for op in self.operators.values():
+            assert not isinstance(op.spec, Session)
+            late |= late_mask(cols.ts, op.spec, mark)
+        late &= fresh_mask
+        out.late = [records[i] for i in np.flatnonzero(late).tolist()]
+        on_time = cols.take(fresh_mask & ~late)
+        for op in self.operators.values():
+            assert not isinstance(op.spec, Session)
+            for row in window_partials(on_time, op.spec, mark):
+                agg = Agg(row["value_count"], row["value_sum"], row["value_min"], row["value_max"])
+                op.merge_partial((row["tenant"], row["type"]), row["start"], agg)
+        out.processed = len(on_time)
+        self.watermark.observe(int(cols.ts.max()), wall_ms)
+        return out
+
+    def _process_records(self, records: Sequence[RecordRef], wall_ms: int) -> BatchOutcome:
         out = BatchOutcome()
         events: list[dict[str, Any]] = []
         offsets: dict[int, RecordRef] = {}
@@ -159,9 +204,6 @@ class PartitionState:
         out.processed = len(on_time)
         if events:
             self.watermark.observe(max(e["ts"] for e in events), wall_ms)
-        if records:
-            self.next_offset = records[-1].offset + 1
-        out.closed = self.tick(wall_ms)
         return out
 
     def tick(self, wall_ms: int) -> list[WindowResult]:
@@ -191,6 +233,14 @@ class PartitionState:
             a.min,
             a.max,
         )
+
+    def _note_bucket_offsets(self, ts: np.ndarray, offsets: np.ndarray) -> None:
+        if len(ts) == 0:
+            return
+        buckets = ts - ts % self.dedup.bucket_ms
+        unique, first = np.unique(buckets, return_index=True)
+        for bucket, index in zip(unique.tolist(), first.tolist(), strict=True):
+            self._bucket_first_offset.setdefault(bucket, int(offsets[index]))
 
     def _note_buckets(self, fresh: Sequence[Mapping[str, Any]]) -> None:
         size = self.dedup.bucket_ms

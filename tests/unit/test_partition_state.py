@@ -149,3 +149,64 @@ def test_nothing_lost_nothing_twice_whatever_the_batching(
     assert dupes == len(records) - len({eid for _, eid in events})
     hopping = sum(r.count for r in closed if r.window == "5m/1m")
     assert hopping == 5 * counted
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 9 * MIN),
+            st.integers(0, 40),
+            st.integers(-5, 5),
+            st.sampled_from(["click", "view"]),
+        ),
+        min_size=1,
+        max_size=80,
+    ),
+    st.integers(1, 30),
+)
+def test_columnar_and_per_record_paths_agree(
+    events: list[tuple[int, int, int, str]], batch: int
+) -> None:
+    records = [
+        rec(i, T0 + ts, f"id{eid}", value, type_)
+        for i, (ts, eid, value, type_) in enumerate(events)
+    ]
+    fast, slow = PartitionState(0, CONFIG), PartitionState(0, CONFIG)
+    for i in range(0, len(records), batch):
+        chunk = records[i : i + batch]
+        a = fast.process(chunk, wall_ms=0)
+        b = slow._process_records(chunk, wall_ms=0)
+        slow.next_offset = chunk[-1].offset + 1
+        b.closed = slow.tick(wall_ms=0)
+        assert (a.processed, a.duplicates, a.late) == (b.processed, b.duplicates, b.late)
+        assert sorted(a.closed, key=repr) == sorted(b.closed, key=repr)
+    assert sorted(fast.open_windows(), key=repr) == sorted(slow.open_windows(), key=repr)
+    # (the open windows compared above are the snapshot's "windows", in any order)
+    fast_snap, slow_snap = fast.snapshot(), slow.snapshot()
+    del fast_snap["windows"], slow_snap["windows"]
+    assert fast_snap == slow_snap
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"{broken",
+        b'{"event_id": 5, "source": "a", "tenant": "t", "type": "x", "ts": 1, "value": 1}',
+        b'{"event_id": "a", "tenant": "t", "type": "x", "ts": 1.5, "value": 1}',
+        b'{"event_id": "a", "tenant": "t", "type": "x", "ts": 1, "value": true}',
+        b'{"event_id": "a", "tenant": "t", "type": "x", "ts": 1}',
+        b"[]",
+    ],
+)
+def test_one_bad_record_sends_the_batch_down_the_per_record_path(value: bytes) -> None:
+    state = PartitionState(0, CONFIG)
+    out = state.process([rec(0, T0), RecordRef(1, None, value), rec(2, T0 + 1)], wall_ms=0)
+    assert out.processed == 2
+    assert [ref.offset for ref, _reason in out.rejected] == [1]
+
+
+def test_a_record_spanning_lines_is_still_read() -> None:
+    pretty = b'{"event_id": "a",\n "tenant": "t", "type": "x", "ts": 1, "value": 1}'
+    out = PartitionState(0, CONFIG).process([rec(0, T0), RecordRef(1, None, pretty)], wall_ms=0)
+    assert (out.processed, out.rejected) == (2, [])
