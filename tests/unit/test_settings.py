@@ -101,3 +101,27 @@ def test_every_command_has_help(command: str) -> None:
     assert result.exit_code == 0
     assert "Usage:" in result.output
     assert len(result.output.splitlines()) > 5
+
+
+@pytest.mark.parametrize(
+    ("windows", "message"),
+    [
+        ('["1x"]', "expected a duration"),
+        ('["1m", "1m"]', "distinct"),
+        ("[]", "at least 1"),
+        ('["5m/2m"]', "divides the size"),
+    ],
+)
+def test_bad_window_kinds_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, windows: str, message: str
+) -> None:
+    monkeypatch.setenv("RAYLINE_PIPELINE__WINDOWS", windows)
+    with pytest.raises(ConfigurationError, match="pipeline.windows") as caught:
+        load_settings()
+    assert message in str(caught.value)
+
+
+def test_scale_refuses_zero_workers_before_touching_the_cluster() -> None:
+    result = CliRunner().invoke(app, ["scale", "workers", "0"])
+    assert result.exit_code == 2
+    assert "greater than or equal to 1" in result.output
