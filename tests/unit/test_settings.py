@@ -116,7 +116,7 @@ def test_bad_window_kinds_are_rejected(
     monkeypatch: pytest.MonkeyPatch, windows: str, message: str
 ) -> None:
     monkeypatch.setenv("RAYLINE_PIPELINE__WINDOWS", windows)
-    with pytest.raises(ConfigurationError, match="pipeline.windows") as caught:
+    with pytest.raises(ConfigurationError, match=r"pipeline\.windows") as caught:
         load_settings()
     assert message in str(caught.value)
 
