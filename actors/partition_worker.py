@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -150,6 +151,7 @@ class PartitionWorker:
             s = self._stats
             return {
                 "worker": self._assignment.worker,
+                "pid": os.getpid(),
                 "epoch": self._assignment.epoch,
                 "partitions": list(self._assignment.partitions),
                 "alive": self._thread.is_alive(),

@@ -108,17 +108,20 @@ class PidFile:
         self.path.unlink(missing_ok=True)
 
 
+# Services started by this process, by PID, for as long as the process lives: they
+# outlive any one Supervisor, and are reaped when they stop (a long-lived
+# `rayline demo` would otherwise keep zombies).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
 class Supervisor:
     """Starts and stops the processes of the local stack."""
 
     def __init__(self, run_dir: Path) -> None:
         self._run_dir = run_dir
-        # Children started by this process, reaped on stop (a long-lived `rayline demo`
-        # would otherwise keep zombies).
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def pid(self, spec: ProcessSpec) -> int | None:
-        for child in list(self._children.values()):
+        for child in list(_CHILDREN.values()):
             child.poll()  # reap a child that exited
         return PidFile(self._run_dir, spec.name).live_pid()
 
@@ -147,7 +150,7 @@ class Supervisor:
                 user=spec.user,
                 group=spec.user,
             )
-        self._children[proc.pid] = proc
+        _CHILDREN[proc.pid] = proc
         PidFile(self._run_dir, spec.name).write(proc.pid)
         return proc.pid
 
@@ -183,7 +186,7 @@ class Supervisor:
                 os.kill(member, signal.SIGKILL)
         while _session_members(pid) and time.monotonic() < deadline + 5:
             time.sleep(0.1)
-        child = self._children.pop(pid, None)
+        child = _CHILDREN.pop(pid, None)
         if child is not None:
             child.wait(timeout=5)
         pidfile.remove()

@@ -391,6 +391,13 @@ class LocalStack:
             self.say(f"applied PostgreSQL migrations {applied}")
         return self.status()
 
+    def restart(self, name: str) -> None:
+        """Stop one service and start it again on its existing data."""
+        (spec,) = [s for s in self.specs() if s.name == name]
+        self.supervisor.stop(spec)
+        self.supervisor.launch(spec)
+        self.supervisor.wait_ready(spec)
+
     def down(self) -> list[str]:
         """Stop every service this stack started, Ray first; return the names stopped."""
         order = {"ray": 0, "kafka": 1, "redis": 2, "postgres": 3}
