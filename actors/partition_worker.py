@@ -34,7 +34,7 @@ from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Producer
 
 from adapters.exceptions import StoreUnavailable
 from adapters.kafka import Headers, make_consumer
-from adapters.postgres import CheckpointStore, Fenced
+from adapters.postgres import CheckpointStore
 from core.assignment import Assignment
 from core.partition_state import (
     BatchOutcome,
@@ -281,21 +281,18 @@ class PartitionWorker:
         A partition fenced by a newer epoch is dropped, and so is its outbox: an effect
         whose decision is not durable must not happen.
         """
-        cfg = self._config
-        saved = {}
+        snapshots = {}
         for partition, box in outboxes.items():
             state = self._states[partition]
             blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
-            save = partial(
-                store.save, cfg.topic, partition, self._assignment.epoch, state.next_offset, blob
+            snapshots[partition] = (state.next_offset, blob)
+        epoch = self._assignment.epoch
+        saved = self._retry(partial(store.save, self._config.topic, epoch, snapshots))
+        for partition in sorted(set(outboxes) - saved):
+            self._give_up(
+                partition, f"partition {partition} belongs to an epoch newer than {epoch}"
             )
-            try:
-                self._retry(save)
-            except Fenced as exc:
-                self._give_up(partition, str(exc))
-                continue
-            saved[partition] = box
-        return saved
+        return {p: box for p, box in outboxes.items() if p in saved}
 
     def _give_up(self, partition: int, why: str) -> None:
         log.warning("worker %s gives up partition %s: %s", self._assignment.worker, partition, why)
@@ -333,8 +330,6 @@ class PartitionWorker:
         while True:
             try:
                 return action()
-            except Fenced:
-                raise
             except StoreUnavailable as exc:
                 with self._lock:
                     self._stats.sink_failures += 1

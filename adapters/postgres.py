@@ -96,16 +96,12 @@ def migrate(dsn: str) -> list[int]:
         raise StoreUnavailable(f"PostgreSQL migration failed: {exc}") from exc
 
 
-class Fenced(StoreUnavailable):
-    """A newer epoch owns the partition; this owner must stop writing it."""
-
-
 class CheckpointStore:
     """Partition snapshots with epoch fencing, for use from one (non-async) thread.
 
-    ``save`` writes a snapshot only when no newer epoch has written one for the
-    partition; otherwise it raises :class:`Fenced`. A snapshot returned by ``load`` is
-    the last one saved, whole (one row, one statement).
+    ``save`` writes a partition's snapshot only when no newer epoch has written one for
+    it, and says which partitions it wrote. A snapshot returned by ``load`` is the last
+    one saved, whole (one row, one statement).
     """
 
     def __init__(self, dsn: str) -> None:
@@ -138,22 +134,27 @@ class CheckpointStore:
         )
         return None if row is None else (row["epoch"], row["next_offset"], bytes(row["state"]))
 
-    def save(self, topic: str, partition: int, epoch: int, next_offset: int, state: bytes) -> None:
-        written = self._call(
+    def save(self, topic: str, epoch: int, snapshots: dict[int, tuple[int, bytes]]) -> set[int]:
+        """Save {partition: (next offset, state)} in one statement; return the partitions
+        saved. A partition missing from the answer belongs to a newer epoch (fenced)."""
+        if not snapshots:
+            return set()
+        partitions = sorted(snapshots)
+        rows: Any = self._call(
             "INSERT INTO partition_checkpoints AS c (topic, partition, epoch, next_offset, state) "
-            "VALUES ($1, $2, $3, $4, $5) "
+            "SELECT $1, p, $2, o, s FROM unnest($3::integer[], $4::bigint[], $5::bytea[]) "
+            "AS t(p, o, s) "
             "ON CONFLICT (topic, partition) DO UPDATE SET epoch = EXCLUDED.epoch, "
             "next_offset = EXCLUDED.next_offset, state = EXCLUDED.state, updated_at = now() "
-            "WHERE c.epoch <= EXCLUDED.epoch RETURNING 1",
+            "WHERE c.epoch <= EXCLUDED.epoch RETURNING partition",
             topic,
-            partition,
             epoch,
-            next_offset,
-            state,
-            fetch="fetchval",
+            partitions,
+            [snapshots[p][0] for p in partitions],
+            [snapshots[p][1] for p in partitions],
+            fetch="fetch",
         )
-        if written is None:
-            raise Fenced(f"partition {topic}/{partition} belongs to a newer epoch than {epoch}")
+        return {int(r["partition"]) for r in rows}
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed():

@@ -116,13 +116,15 @@ def pipeline(settings: Any, topic: str, events: int, clickhouse_dir: str) -> dic
                 by_partition[partition].append(RecordRef(offset, m.key(), m.value()))
         wall_ms = int(time.time() * 1000)
         closed = []
+        snapshots = {}
         for partition, refs in by_partition.items():
             seen += len(refs)
             state = states[partition]
             outcome = state.process(refs, wall_ms)
             closed += outcome.closed
             blob = orjson.dumps({"snapshot": state.snapshot()})
-            checkpoints.save(topic, partition, 1, state.next_offset, blob)
+            snapshots[partition] = (state.next_offset, blob)
+        checkpoints.save(topic, 1, snapshots)
         rows += store.insert_window_results(closed)
     # close everything still open, as the watermark eventually does
     final = [r for s in states.values() for r in s.tick(int(time.time() * 1000) + 10**9)]
