@@ -25,7 +25,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
@@ -97,7 +97,7 @@ class Outbox:
             return None if data is None else base64.b64encode(data).decode()
 
         return {
-            "closed": [list(_result_fields(r)) for r in self.closed],
+            "closed": [list(astuple(r)) for r in self.closed],
             "dead_letters": [
                 [ref.offset, b64(ref.key), b64(ref.value), reason]
                 for ref, reason in self.dead_letters
@@ -116,10 +116,6 @@ class Outbox:
                 for offset, key, value, reason in data["dead_letters"]
             ],
         )
-
-
-def _result_fields(r: WindowResult) -> tuple[Any, ...]:
-    return (r.window, r.partition, r.tenant, r.type, r.start, r.end, r.count, r.sum, r.min, r.max)
 
 
 class PartitionWorker:

@@ -12,7 +12,7 @@ still recognises the ids it saw before its checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,8 @@ class DedupFilter:
     # id -> its bucket (one lookup per event), bucket -> its ids (whole-bucket eviction)
     _bucket_of: dict[str, int] = field(default_factory=dict, init=False)
     _buckets: dict[int, list[str]] = field(default_factory=dict, init=False)
+    # bucket -> offset of the first record that added an id to it
+    _first_offset: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         if self.horizon_ms <= 0 or self.bucket_ms <= 0 or self.max_ids <= 0:
@@ -47,44 +49,48 @@ class DedupFilter:
         return len(self._bucket_of)
 
     def split(
-        self, events: Iterable[Mapping[str, Any]]
+        self, events: Sequence[Mapping[str, Any]], offsets: Sequence[int] | None = None
     ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
         """Split a batch into (first sightings, duplicates), remembering the former.
 
         A duplicate within the batch itself counts as a duplicate too.
         """
-        fresh: list[Mapping[str, Any]] = []
-        dupes: list[Mapping[str, Any]] = []
-        bucket_of = self._bucket_of
-        for event in events:
-            key = f"{event['tenant']}\x1f{event['source']}\x1f{event['event_id']}"
-            if key in bucket_of:
-                dupes.append(event)
-                continue
-            bucket = event["ts"] - event["ts"] % self.bucket_ms
-            bucket_of[key] = bucket
-            self._buckets.setdefault(bucket, []).append(key)
-            fresh.append(event)
-        self.stats.duplicates += len(dupes)
-        self._enforce_cap()
-        return fresh, dupes
+        keys = [f"{e['tenant']}\x1f{e['source']}\x1f{e['event_id']}" for e in events]
+        fresh = self.split_keys(keys, [e["ts"] for e in events], offsets)
+        return (
+            [e for e, new in zip(events, fresh, strict=True) if new],
+            [e for e, new in zip(events, fresh, strict=True) if not new],
+        )
 
-    def split_keys(self, keys: Sequence[str], ts: Sequence[int]) -> list[bool]:
-        """Like :meth:`split` for prepared keys: True where the event is a first sighting."""
+    def split_keys(
+        self, keys: Sequence[str], ts: Sequence[int], offsets: Sequence[int] | None = None
+    ) -> list[bool]:
+        """True where the event with this key is a first sighting, remembering it.
+
+        With ``offsets`` (the records' Kafka offsets), each bucket also remembers the
+        first offset that added to it: see :meth:`rebuild_from`.
+        """
         bucket_of = self._bucket_of
         size = self.bucket_ms
         fresh = []
-        for key, t in zip(keys, ts, strict=True):
+        for i, (key, t) in enumerate(zip(keys, ts, strict=True)):
             if key in bucket_of:
                 fresh.append(False)
                 continue
             bucket = t - t % size
             bucket_of[key] = bucket
             self._buckets.setdefault(bucket, []).append(key)
+            if offsets is not None:
+                self._first_offset.setdefault(bucket, offsets[i])
             fresh.append(True)
         self.stats.duplicates += len(fresh) - sum(fresh)
         self._enforce_cap()
         return fresh
+
+    def rebuild_from(self) -> int | None:
+        """The lowest offset whose id is still held: re-reading from there rebuilds
+        every id this filter holds. None when no offsets were given."""
+        return min(self._first_offset.values(), default=None)
 
     def advance(self, watermark_ms: int) -> int:
         """Forget buckets wholly older than ``watermark - horizon``; return ids dropped."""
@@ -94,12 +100,9 @@ class DedupFilter:
             dropped += self._drop(start)
         return dropped
 
-    def buckets(self) -> set[int]:
-        """Start times of the buckets held now."""
-        return set(self._buckets)
-
     def _drop(self, bucket: int) -> int:
         keys = self._buckets.pop(bucket)
+        self._first_offset.pop(bucket, None)
         for key in keys:
             del self._bucket_of[key]
         return len(keys)

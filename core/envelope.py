@@ -236,7 +236,7 @@ def check_stored(record: Any) -> str | None:
     """
     if not isinstance(record, dict):
         return f"expected a JSON object, got {_type_name(record)}"
-    for field in ("tenant", "type"):
+    for field in ("event_id", "tenant", "type"):
         if not isinstance(record.get(field), str):
             return f"field '{field}' expected string, got {_type_name(record.get(field))}"
     ts = record.get("ts")

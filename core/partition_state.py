@@ -127,8 +127,6 @@ class PartitionState:
         self.watermark = PartitionWatermark(config.allowed_lateness_ms, config.idle_timeout_ms)
         self.operators = {w.name: WindowOperator(w.spec) for w in config.windows}
         self.dedup = DedupFilter(config.dedup_horizon_ms, max_ids=config.dedup_max_ids)
-        # first offset of each dedup bucket still held: where a rebuild must start
-        self._bucket_first_offset: dict[int, int] = {}
 
     # Processing ----------------------------------------------------------------
 
@@ -154,10 +152,9 @@ class PartitionState:
         self, records: Sequence[RecordRef], cols: Columns, wall_ms: int
     ) -> BatchOutcome:
         out = BatchOutcome()
-        fresh_mask = np.array(self.dedup.split_keys(cols.dedup_keys(), cols.ts.tolist()))
+        offsets = [r.offset for r in records]
+        fresh_mask = np.array(self.dedup.split_keys(cols.dedup_keys(), cols.ts.tolist(), offsets))
         out.duplicates = int((~fresh_mask).sum())
-        offsets = np.array([r.offset for r in records])
-        self._note_bucket_offsets(cols.ts[fresh_mask], offsets[fresh_mask])
         mark = self.watermark.current(wall_ms)
         late = np.zeros(len(cols), dtype=bool)
         for op in self.operators.values():
@@ -187,9 +184,8 @@ class PartitionState:
             event["_offset"] = ref.offset
             offsets[ref.offset] = ref
             events.append(event)
-        fresh, dupes = self.dedup.split(events)
+        fresh, dupes = self.dedup.split(events, [e["_offset"] for e in events])
         out.duplicates = len(dupes)
-        self._note_buckets(fresh)
         mark = self.watermark.current(wall_ms)
         # Late for any window kind means late for all: the event goes to the DLQ once
         # and counts nowhere, so that one rule recomputes every aggregate offline.
@@ -212,7 +208,6 @@ class PartitionState:
         if mark is None:
             return []
         self.dedup.advance(mark)
-        self._forget_buckets()
         results: list[WindowResult] = []
         for name, op in self.operators.items():
             results.extend(self._result(name, w) for w in op.close_until(mark))
@@ -234,25 +229,6 @@ class PartitionState:
             a.max,
         )
 
-    def _note_bucket_offsets(self, ts: np.ndarray, offsets: np.ndarray) -> None:
-        if len(ts) == 0:
-            return
-        buckets = ts - ts % self.dedup.bucket_ms
-        unique, first = np.unique(buckets, return_index=True)
-        for bucket, index in zip(unique.tolist(), first.tolist(), strict=True):
-            self._bucket_first_offset.setdefault(bucket, int(offsets[index]))
-
-    def _note_buckets(self, fresh: Sequence[Mapping[str, Any]]) -> None:
-        size = self.dedup.bucket_ms
-        for event in fresh:
-            bucket = event["ts"] - event["ts"] % size
-            self._bucket_first_offset.setdefault(bucket, event["_offset"])
-
-    def _forget_buckets(self) -> None:
-        held = self.dedup.buckets()
-        for bucket in [b for b in self._bucket_first_offset if b not in held]:
-            del self._bucket_first_offset[bucket]
-
     def open_windows(self) -> list[WindowResult]:
         return [
             self._result(name, w) for name, op in self.operators.items() for w in op.open_windows()
@@ -262,7 +238,8 @@ class PartitionState:
 
     def dedup_rebuild_from(self) -> int:
         """The offset from which re-reading the partition rebuilds the dedup filter."""
-        return min(self._bucket_first_offset.values(), default=self.next_offset)
+        first = self.dedup.rebuild_from()
+        return self.next_offset if first is None else first
 
     def rebuild_dedup(self, records: Sequence[RecordRef]) -> None:
         """Re-learn the ids of records already processed (offsets before ``next_offset``)."""
@@ -275,8 +252,7 @@ class PartitionState:
                 event["_offset"] = ref.offset
                 events.append(event)
         counted = self.dedup.stats.duplicates
-        fresh, _ = self.dedup.split(events)
-        self._note_buckets(fresh)
+        self.dedup.split(events, [e["_offset"] for e in events])
         self.dedup.stats.duplicates = counted  # a rebuild re-reads; it finds nothing new
 
     def snapshot(self) -> dict[str, Any]:
@@ -305,8 +281,6 @@ def _decode(ref: RecordRef) -> tuple[dict[str, Any] | None, str]:
     except orjson.JSONDecodeError as exc:
         return None, f"not JSON: {exc}"
     problem = check_stored(event)
-    if problem is None and not isinstance(event.get("event_id"), str):
-        problem = "field 'event_id' expected string"
     if problem is not None:
         return None, problem
     event.setdefault("source", "")

@@ -173,6 +173,7 @@ def test_too_many_events_in_one_request_is_413(http: httpx.Client, stack: Settin
     ("path", "params", "field"),
     [
         ("/v1/metrics/click", {"tenant": "a' OR '1'='1"}, "tenant"),
+        ("/v1/metrics/click", {"tenant": "acme", "window": "7m' --"}, "window"),
         ("/v1/metrics/click;DROP TABLE x", {"tenant": "acme"}, "type"),
         ("/v1/metrics/click", {"tenant": "acme", "from": "1) OR (1=1"}, "from"),
         ("/v1/metrics/click", {"tenant": "acme", "to": "2026-13-45T00:00:00Z"}, "to"),
@@ -203,7 +204,9 @@ def test_a_record_no_envelope_goes_to_the_dlq_and_the_worker_goes_on(
     raw_before = raw_offsets(stack)
     producer = Producer({"bootstrap.servers": k.bootstrap})
     producer.produce(k.raw_topic, b"\x00not json{", b"hostile", partition=3)
-    producer.produce(k.raw_topic, orjson.dumps({"tenant": tenant, "type": "x"}), partition=3)
+    producer.produce(
+        k.raw_topic, orjson.dumps({"event_id": "h", "tenant": tenant, "type": "x"}), partition=3
+    )
     assert producer.flush(10) == 0
 
     records = read_from(stack, k.dlq_topic, dlq_before, 2)

@@ -74,3 +74,13 @@ def test_each_id_passes_exactly_once_inside_the_horizon(pairs: list[tuple[int, i
     fresh, dupes = dedup.split([ev(str(i), ts) for i, ts in pairs])
     assert sorted(ids(fresh)) == sorted({str(i) for i, _ in pairs})
     assert len(fresh) + len(dupes) == len(pairs)
+
+
+def test_rebuild_offset_follows_the_buckets_still_held() -> None:
+    dedup = DedupFilter(horizon_ms=60 * SECOND, bucket_ms=10 * SECOND)
+    assert dedup.rebuild_from() is None
+    dedup.split([ev("late-in-log", 5 * SECOND), ev("b", 65 * SECOND)], offsets=[40, 41])
+    dedup.split([ev("c", 1 * SECOND)], offsets=[42])  # joins the bucket offset 40 opened
+    assert dedup.rebuild_from() == 40
+    dedup.advance(70 * SECOND)  # the [0, 10 s) bucket goes, and its offset with it
+    assert dedup.rebuild_from() == 41

@@ -134,12 +134,14 @@ def test_name_problem() -> None:
 @pytest.mark.parametrize(
     ("record", "problem"),
     [
-        ({"tenant": "a", "type": "t", "ts": 1, "value": 1}, None),
+        ({"event_id": "e", "tenant": "a", "type": "t", "ts": 1, "value": 1}, None),
+        ({"tenant": "a", "type": "t", "ts": 1, "value": 1}, "'event_id'"),
+        ({"event_id": 7, "tenant": "a", "type": "t", "ts": 1, "value": 1}, "'event_id'"),
         ([], "expected a JSON object"),
-        ({"tenant": 1, "type": "t", "ts": 1, "value": 1}, "'tenant'"),
-        ({"tenant": "a", "type": "t", "ts": "1", "value": 1}, "'ts'"),
-        ({"tenant": "a", "type": "t", "ts": 1, "value": math.nan}, "'value'"),
-        ({"tenant": "a", "type": "t", "ts": 1}, "'value'"),
+        ({"event_id": "e", "tenant": 1, "type": "t", "ts": 1, "value": 1}, "'tenant'"),
+        ({"event_id": "e", "tenant": "a", "type": "t", "ts": "1", "value": 1}, "'ts'"),
+        ({"event_id": "e", "tenant": "a", "type": "t", "ts": 1, "value": math.nan}, "'value'"),
+        ({"event_id": "e", "tenant": "a", "type": "t", "ts": 1}, "'value'"),
     ],
 )
 def test_check_stored(record: Any, problem: str | None) -> None:
