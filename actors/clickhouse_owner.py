@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
 import ray
 from ray.exceptions import RayActorError
 
@@ -29,10 +30,16 @@ class ClickHouseOwner:
     def insert_window_results(self, results: Sequence[WindowResult]) -> int:
         return self._store.insert_window_results(results)
 
+    def insert_events(self, table: pa.Table) -> int:
+        return self._store.insert_events(table)
+
     def window_results(
         self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
     ) -> list[WindowResult]:
         return self._store.window_results(tenant, type_, window, from_ms, to_ms)
+
+    def raw_event_stats(self, tenant: str) -> dict[str, int]:
+        return self._store.raw_event_stats(tenant)
 
     def ping(self) -> bool:
         return self._store.ping()
@@ -48,6 +55,14 @@ class RemoteWindowSink:
         try:
             owner = ray.get_actor(OWNER_NAME, namespace=self._namespace)
             ref: Any = owner.insert_window_results.remote(list(results))
+            return int(ray.get(ref))
+        except (RayActorError, ValueError) as exc:
+            raise StoreUnavailable(f"ClickHouse owner actor is unavailable: {exc}") from exc
+
+    def write_events(self, table: pa.Table) -> int:
+        try:
+            owner = ray.get_actor(OWNER_NAME, namespace=self._namespace)
+            ref: Any = owner.insert_events.remote(table)
             return int(ray.get(ref))
         except (RayActorError, ValueError) as exc:
             raise StoreUnavailable(f"ClickHouse owner actor is unavailable: {exc}") from exc

@@ -41,6 +41,10 @@ class PartitionWorkerActor:
     ) -> list[WindowResult]:
         return self._worker.open_windows(tenant, type_, window, from_ms, to_ms)
 
+    def arm_crash(self, point: str, after_batches: int = 0) -> None:
+        """Test hook: SIGKILL this actor's process at a named point of a coming batch."""
+        self._worker.arm_crash(point, after_batches)
+
     def stop(self) -> None:
         self._worker.stop()
 

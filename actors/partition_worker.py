@@ -5,10 +5,18 @@ micro-batch it lets each partition's :class:`~core.partition_state.PartitionStat
 decode, dedup and fold the records, then follows *snapshot before effect*:
 
 1. save each changed partition's snapshot together with its outbox (the windows that
-   closed, the records to dead-letter) in PostgreSQL, fenced by the owner's epoch;
-2. write the outbox: closed windows to ClickHouse (idempotent per window and
-   partition), rejected and late records to ``events.dlq``;
-3. commit the offsets to Kafka, so that standard lag tools see the progress.
+   closed, the records to dead-letter, the alerts raised, the offsets whose raw events
+   go to ClickHouse) in PostgreSQL, fenced by the owner's epoch;
+2. write the outbox: raw events and closed windows to ClickHouse (both idempotent:
+   rows keyed by event and by window and partition), rejected and late records to
+   ``events.dlq``, CEP matches to ``alerts`` (keyed by their deterministic id);
+3. commit the offsets to Kafka, so that standard lag tools see the progress;
+4. write the open windows of the partitions touched to Redis (live tiles; best
+   effort: with Redis down the pipeline goes on and reports it).
+
+Between batches the worker keeps its runtime inputs current: the CEP rules and the
+registered schemas (reloaded from PostgreSQL when they change), and the enrichment
+dimension tables (checked for changes once per TTL).
 
 After a crash the worker restores each partition's snapshot, writes its outbox again,
 re-reads the dedup horizon from Kafka to re-learn the event ids, and goes on from the
@@ -21,21 +29,28 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Producer, TopicPartition
 
+from actors.runtime_inputs import RuntimeInputs
 from adapters.exceptions import StoreUnavailable
 from adapters.kafka import Headers, make_consumer
-from adapters.postgres import CheckpointStore
+from adapters.postgres import CheckpointStore, MetadataStore
+from adapters.redis import LiveTiles
 from core.assignment import Assignment
+from core.batch import Runtime, process_batch
+from core.columnar import Layout, decode_record, table_from_events
 from core.partition_state import (
     BatchOutcome,
     PartitionState,
@@ -48,8 +63,19 @@ log = logging.getLogger(__name__)
 
 
 class WindowSink(Protocol):
+    """Where closed windows and raw events go.
+
+    ``write`` and ``write_events`` return once the store has the rows; both are
+    idempotent (a window is keyed by window, group and partition, an event by its
+    identity and time), so the worker retries a failed call at will and replays its
+    outbox after a crash. Offsets are committed only after both returned.
+    """
+
     def write(self, results: Sequence[WindowResult]) -> int:
-        """Store closed windows, idempotent per window and partition; return rows."""
+        """Store closed windows; return the rows written."""
+
+    def write_events(self, table: pa.Table) -> int:
+        """Store raw events (see ``adapters.clickhouse``); return the rows written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +90,10 @@ class WorkerConfig:
     batch_max_ms: int
     processing: ProcessingConfig
     checkpoint_dsn: str
+    alerts_topic: str = "alerts"
+    redis_url: str | None = None
+    enrichment_ttl_ms: int = 30_000
+    rules_refresh_ms: int = 5_000
 
 
 @dataclass(slots=True)
@@ -73,6 +103,11 @@ class WorkerStats:
     late: int = 0
     rejected: int = 0
     windows_written: int = 0
+    events_written: int = 0
+    alerts: int = 0
+    filtered: int = 0
+    tiles_failures: int = 0
+    rule_errors: list[str] = field(default_factory=list)
     batches: int = 0
     sink_failures: int = 0
     fenced: list[int] = field(default_factory=list)
@@ -86,18 +121,28 @@ class Outbox:
 
     closed: list[WindowResult] = field(default_factory=list)
     dead_letters: list[tuple[RecordRef, str]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    # The raw events of this batch: offsets [first, end) minus those that did not count.
+    raw: tuple[int, int, list[int]] | None = None
 
     @classmethod
-    def of(cls, outcome: BatchOutcome) -> Outbox:
+    def of(cls, outcome: BatchOutcome, refs: Sequence[RecordRef], counted: set[int]) -> Outbox:
         letters = list(outcome.rejected) + [(ref, "late") for ref in outcome.late]
-        return cls(list(outcome.closed), letters)
+        alerts = [m.as_json() for m in outcome.alerts]
+        raw = None
+        if refs:
+            skipped = [r.offset for r in refs if r.offset not in counted]
+            raw = (refs[0].offset, refs[-1].offset + 1, skipped)
+        return cls(list(outcome.closed), letters, alerts, raw)
 
     def to_json(self) -> dict[str, Any]:
         def b64(data: bytes | None) -> str | None:
             return None if data is None else base64.b64encode(data).decode()
 
         return {
-            "closed": [list(astuple(r)) for r in self.closed],
+            "closed": [r.to_row() for r in self.closed],
+            "alerts": self.alerts,
+            "raw": None if self.raw is None else list(self.raw),
             "dead_letters": [
                 [ref.offset, b64(ref.key), b64(ref.value), reason]
                 for ref, reason in self.dead_letters
@@ -109,13 +154,19 @@ class Outbox:
         def unb64(text: str | None) -> bytes | None:
             return None if text is None else base64.b64decode(text)
 
+        raw = data.get("raw")
         return cls(
-            [WindowResult(*row) for row in data["closed"]],
+            [WindowResult.from_row(row) for row in data["closed"]],
             [
                 (RecordRef(offset, unb64(key), unb64(value)), reason)
                 for offset, key, value, reason in data["dead_letters"]
             ],
+            list(data.get("alerts", [])),
+            None if raw is None else (raw[0], raw[1], list(raw[2])),
         )
+
+
+CRASH_POINTS = ("before_sink", "after_sink", "during_snapshot")
 
 
 class PartitionWorker:
@@ -135,6 +186,9 @@ class PartitionWorker:
         self._stats = WorkerStats()
         self._states: dict[int, PartitionState] = {}
         self._pending: list[WindowResult] = []  # closed, not yet acknowledged by the sink
+        self._runtime = Runtime()
+        self._inputs: RuntimeInputs | None = None
+        self._crash_at: tuple[str, int] | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="partition-worker", daemon=True)
@@ -154,10 +208,24 @@ class PartitionWorker:
                 "processed": s.processed,
                 "duplicates": s.duplicates,
                 "late": s.late,
+                "filtered": s.filtered,
                 "dead_lettered": s.rejected + s.late,
                 "windows_written": s.windows_written,
+                "events_written": s.events_written,
+                "alerts": s.alerts,
                 "batches": s.batches,
                 "sink_failures": s.sink_failures,
+                "tiles_failures": s.tiles_failures,
+                "rules": len(self._runtime.rules),
+                "dimensions": {n: t.num_rows for n, t in self._runtime.dimensions.items()},
+                "cep": {
+                    "state_entries": sum(len(st.cep) for st in self._states.values()),
+                    "ignored_late": sum(st.cep.stats.late for st in self._states.values()),
+                    "rules_in_force": sorted(
+                        {r.id for st in self._states.values() for r in st.cep.rules}
+                    ),
+                },
+                "rule_errors": list(s.rule_errors),
                 "fenced": list(s.fenced),
                 "last_error": s.last_error,
                 "lag": dict(s.lag),
@@ -181,6 +249,24 @@ class PartitionWorker:
             and r.window == window
             and from_ms <= r.start < to_ms
         ]
+
+    def arm_crash(self, point: str, after_batches: int = 0) -> None:
+        """Test hook: SIGKILL this process at ``point`` of a coming batch.
+
+        ``before_sink``: after the snapshot is saved, before any sink write;
+        ``after_sink``: after the sinks acknowledged, before the offsets are committed;
+        ``during_snapshot``: while the snapshot statement is in flight in PostgreSQL.
+        """
+        if point not in CRASH_POINTS:
+            raise ValueError(f"crash point must be one of {CRASH_POINTS}, got {point!r}")
+        with self._lock:
+            self._crash_at = (point, self._stats.batches + after_batches)
+
+    def _maybe_crash(self, point: str) -> None:
+        armed = self._crash_at
+        if armed is not None and armed[0] == point and self._stats.batches >= armed[1]:
+            log.warning("worker %s: crash point %s reached", self._assignment.worker, point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
@@ -207,10 +293,14 @@ class PartitionWorker:
     def _consume_until_stopped(self) -> None:
         cfg = self._config
         consumer = make_consumer(cfg.bootstrap, cfg.group_id)
-        dlq = Producer({"bootstrap.servers": cfg.bootstrap, "enable.idempotence": True})
+        producer = Producer({"bootstrap.servers": cfg.bootstrap, "enable.idempotence": True})
         store = CheckpointStore(cfg.checkpoint_dsn)
+        inputs = RuntimeInputs(cfg, MetadataStore(cfg.checkpoint_dsn))
+        tiles = LiveTiles(cfg.redis_url, cfg.topic) if cfg.redis_url else None
         try:
-            states = self._recover(consumer, store, dlq)
+            self._inputs = inputs
+            self._refresh_inputs(inputs, force=True)
+            states = self._recover(consumer, store, producer)
             with self._lock:
                 self._states = states
             consumer.assign(
@@ -219,18 +309,38 @@ class PartitionWorker:
             next_lag_at = 0.0
             while not self._stopping.is_set() and self._states:
                 messages = consumer.consume(cfg.batch_max_records, cfg.batch_max_ms / 1000)
-                self._step(messages, consumer, store, dlq)
+                self._refresh_inputs(inputs)  # a batch sees inputs at most one TTL old
+                touched = self._step(messages, consumer, store, producer)
+                self._write_tiles(tiles, touched)
                 if time.monotonic() >= next_lag_at:
                     self._refresh_lag(consumer)
                     next_lag_at = time.monotonic() + 1.0
         finally:
-            dlq.flush(10)
+            producer.flush(10)
             consumer.close()
             store.close()
+            inputs.close()
+            if tiles is not None:
+                tiles.close()
+
+    def _refresh_inputs(self, inputs: RuntimeInputs, force: bool = False) -> None:
+        try:
+            runtime, errors = inputs.refresh(self._runtime, int(self._clock() * 1000), force)
+        except StoreUnavailable as exc:
+            if force:
+                raise
+            with self._lock:
+                self._stats.last_error = f"refreshing rules, schemas or dimensions: {exc}"
+            return
+        with self._lock:
+            self._runtime = runtime
+            if errors is not None:
+                self._stats.rule_errors = errors
 
     def _step(
-        self, messages: list[Any], consumer: Any, store: CheckpointStore, dlq: Producer
-    ) -> None:
+        self, messages: list[Any], consumer: Any, store: CheckpointStore, producer: Producer
+    ) -> list[int]:
+        """One micro-batch; returns the partitions whose state changed."""
         by_partition: dict[int, list[RecordRef]] = defaultdict(list)
         for msg in messages:
             err = msg.error()
@@ -241,33 +351,39 @@ class PartitionWorker:
                 continue
             by_partition[msg.partition()].append(RecordRef(msg.offset(), msg.key(), msg.value()))
         wall_ms = int(self._clock() * 1000)
-        outboxes: dict[int, tuple[BatchOutcome, Outbox]] = {}
         with self._lock:
-            for partition, state in self._states.items():
-                refs = by_partition.get(partition)
-                outcome = (
-                    state.process(refs, wall_ms)
-                    if refs
-                    else BatchOutcome(closed=state.tick(wall_ms))
-                )
-                if refs or outcome.closed:
-                    outboxes[partition] = (outcome, Outbox.of(outcome))
-                    self._pending.extend(outcome.closed)
+            records = {p: by_partition.get(p, []) for p in self._states}
+            outcomes, counted = process_batch(self._states, records, wall_ms, self._runtime)
+            offsets = counted_offsets(counted, records)
+            outboxes = {
+                p: (o, Outbox.of(o, records[p], offsets.get(p, set())))
+                for p, o in outcomes.items()
+                if records[p] or o.closed or o.alerts
+            }
+            for outcome, _box in outboxes.values():
+                self._pending.extend(outcome.closed)
         if not outboxes:
-            return
+            return []
         saved = self._checkpoint(store, {p: box for p, (_o, box) in outboxes.items()})
-        written = self._apply(saved, dlq)
-        self._commit(consumer, [p for p in outboxes if by_partition.get(p)])
+        self._maybe_crash("before_sink")
+        events = raw_event_rows(counted, records, set(saved))
+        written, events_written = self._apply(saved, producer, events)
+        self._maybe_crash("after_sink")
+        self._commit(consumer, [p for p in outboxes if records.get(p)])
         with self._lock:
             self._pending.clear()
             s = self._stats
             s.batches += 1
             s.windows_written += written
+            s.events_written += events_written
             for outcome, _box in outboxes.values():
                 s.processed += outcome.processed
                 s.duplicates += outcome.duplicates
                 s.late += len(outcome.late)
                 s.rejected += len(outcome.rejected)
+                s.filtered += outcome.filtered
+                s.alerts += len(outcome.alerts)
+        return sorted(saved)
 
     # Snapshot, effects, commit -------------------------------------------------
 
@@ -283,7 +399,10 @@ class PartitionWorker:
             blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
             snapshots[partition] = (state.next_offset, blob)
         epoch = self._assignment.epoch
-        saved = self._retry(partial(store.save, self._config.topic, epoch, snapshots))
+        in_flight = partial(self._maybe_crash, "during_snapshot")
+        saved = self._retry(
+            partial(store.save, self._config.topic, epoch, snapshots, in_flight=in_flight)
+        )
         for partition in sorted(set(outboxes) - saved):
             self._give_up(
                 partition, f"partition {partition} belongs to an epoch newer than {epoch}"
@@ -297,15 +416,29 @@ class PartitionWorker:
             self._stats.fenced.append(partition)
             self._stats.last_error = why
 
-    def _apply(self, boxes: dict[int, Outbox], dlq: Producer) -> int:
+    def _apply(
+        self, boxes: dict[int, Outbox], producer: Producer, events: pa.Table | None
+    ) -> tuple[int, int]:
+        """Write an outbox's effects; return (windows, raw events) written."""
+        events_written = 0
+        if events is not None and events.num_rows:
+            events_written = self._retry(lambda: self._sink.write_events(events))
         closed = [r for box in boxes.values() for r in box.closed]
         written = self._retry(lambda: self._sink.write(closed)) if closed else 0
         for partition, box in boxes.items():
             for ref, reason in box.dead_letters:
-                self._dead_letter(dlq, partition, ref, reason)
-        if dlq.flush(30) > 0:
-            raise StoreUnavailable("Kafka did not acknowledge the dead letters within 30 s")
-        return written
+                self._dead_letter(producer, partition, ref, reason)
+            for alert in box.alerts:
+                producer.produce(
+                    self._config.alerts_topic,
+                    orjson.dumps(alert),
+                    str(alert["alert_id"]).encode(),
+                    headers=[("rule", str(alert["rule_id"]).encode())],
+                )
+                producer.poll(0)
+        if producer.flush(30) > 0:
+            raise StoreUnavailable("Kafka did not acknowledge dead letters or alerts within 30 s")
+        return written, events_written
 
     def _dead_letter(self, dlq: Producer, partition: int, ref: RecordRef, reason: str) -> None:
         # Keyed like the original record; the origin headers let a consumer of the
@@ -319,6 +452,20 @@ class PartitionWorker:
         ]
         dlq.produce(self._config.dlq_topic, ref.value, ref.key, headers=headers)
         dlq.poll(0)
+
+    def _write_tiles(self, tiles: LiveTiles | None, partitions: list[int]) -> None:
+        if tiles is None or not partitions:
+            return
+        with self._lock:
+            windows = {
+                p: self._states[p].open_windows() for p in partitions if p in self._states
+            }
+        try:
+            tiles.write(windows)
+        except StoreUnavailable as exc:
+            with self._lock:
+                self._stats.tiles_failures += 1
+                self._stats.last_error = str(exc)
 
     def _retry(self, action: Callable[[], Any]) -> Any:
         """Retry a sink or store call with backoff; nothing moves on until it succeeds."""
@@ -352,7 +499,7 @@ class PartitionWorker:
     # Recovery ------------------------------------------------------------------
 
     def _recover(
-        self, consumer: Any, store: CheckpointStore, dlq: Producer
+        self, consumer: Any, store: CheckpointStore, producer: Producer
     ) -> dict[int, PartitionState]:
         """Each owned partition's state: from its snapshot, or new at the committed offset."""
         cfg = self._config
@@ -371,12 +518,37 @@ class PartitionWorker:
                 self._give_up(partition, f"partition {partition} belongs to epoch {epoch}")
                 continue
             data = orjson.loads(blob)
-            state = PartitionState.restore(cfg.processing, data["snapshot"])
-            self._apply({partition: Outbox.from_json(data["outbox"])}, dlq)
-            start = data["snapshot"]["dedup_from"]
-            state.rebuild_dedup(self._replay(consumer, partition, start, state.next_offset))
+            state = PartitionState.restore(cfg.processing, data["snapshot"], self._runtime)
+            box = Outbox.from_json(data["outbox"])
+            start = min(data["snapshot"]["dedup_from"], box.raw[0] if box.raw else 2**62)
+            replayed = self._replay(consumer, partition, start, state.next_offset)
+            self._apply({partition: box}, producer, self._replayed_events(partition, box, replayed))
+            state.rebuild_dedup(
+                [r for r in replayed if r.offset >= data["snapshot"]["dedup_from"]],
+                self._runtime.avro,
+            )
             states[partition] = state
         return states
+
+    def _replayed_events(
+        self, partition: int, box: Outbox, replayed: Sequence[RecordRef]
+    ) -> pa.Table | None:
+        """The raw events of a saved outbox, decoded again from the re-read records."""
+        if box.raw is None:
+            return None
+        first, end, skipped = box.raw
+        excluded = set(skipped)
+        refs, rows = [], []
+        for ref in replayed:
+            if first <= ref.offset < end and ref.offset not in excluded:
+                row, _reason = decode_record(ref.value, Layout(), self._runtime.avro)
+                if row is not None:
+                    refs.append(ref)
+                    rows.append(row)
+        table = table_from_events(rows, Layout())
+        table = table.append_column("_row", pa.array(range(len(rows)), pa.int64()))
+        table = table.append_column("_partition", pa.array([partition] * len(rows), pa.int64()))
+        return raw_event_rows(table, {partition: refs}, {partition})
 
     def _start_offset(self, consumer: Any, partition: int) -> int:
         tp = TopicPartition(self._config.topic, partition)
@@ -417,3 +589,44 @@ class PartitionWorker:
             lag[partition] = max(high - position, 0)
         with self._lock:
             self._stats.lag = lag
+
+
+def counted_offsets(
+    counted: pa.Table | None, records: dict[int, list[RecordRef]]
+) -> dict[int, set[int]]:
+    """Per partition, the offsets of the records that counted."""
+    if counted is None or not counted.num_rows:
+        return {}
+    flat = [r for batch in records.values() for r in batch]
+    out: dict[int, set[int]] = defaultdict(set)
+    for row, p in zip(
+        counted["_row"].to_pylist(), counted["_partition"].to_pylist(), strict=True
+    ):
+        out[p].add(flat[row].offset)
+    return out
+
+
+def raw_event_rows(
+    counted: pa.Table | None, records: dict[int, list[RecordRef]], partitions: set[int]
+) -> pa.Table | None:
+    """The rows for the raw-event table: envelope columns, origin and the JSON payload."""
+    if counted is None or not counted.num_rows:
+        return None
+    keep = pc.is_in(counted["_partition"], pa.array(sorted(partitions), pa.int64()))
+    counted = counted.filter(keep)
+    flat = [r for batch in records.values() for r in batch]
+    rows = counted["_row"].to_pylist()
+    return pa.table(
+        {
+            "tenant": counted["tenant"],
+            "type": counted["type"],
+            "ts": pc.cast(counted["ts"], pa.timestamp("ms", "UTC")),
+            "source": pc.fill_null(counted["source"], ""),
+            "event_id": counted["event_id"],
+            "entity": pc.fill_null(counted["entity"], ""),
+            "value": counted["value"],
+            "partition": pc.cast(counted["_partition"], pa.uint16()),
+            "offset": pa.array([flat[i].offset for i in rows], pa.uint64()),
+            "payload": pa.array([flat[i].value for i in rows], pa.binary()),
+        }
+    )

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import clickhouse_connect
+import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from adapters.exceptions import StoreUnavailable
@@ -67,11 +68,56 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (3, "DROP TABLE IF EXISTS {db}.window_aggregates"),
+    (
+        4,
+        # Group-by dimensions become part of the row key; distinct counts and quantiles
+        # are stored as their sketches (base64), which merge across partitions on read.
+        """
+        ALTER TABLE {db}.window_results
+            ADD COLUMN group_key String AFTER partition,
+            ADD COLUMN dims Map(LowCardinality(String), String) AFTER group_key,
+            ADD COLUMN distinct_sketch String DEFAULT '' AFTER max,
+            ADD COLUMN quantile_sketch String DEFAULT '' AFTER distinct_sketch,
+            MODIFY ORDER BY (tenant, type, window, window_start, partition, group_key)
+        """,
+    ),
+    (
+        5,
+        # Raw events as they counted. Keyed by the event's identity and time, so a batch
+        # written again after a crash replaces its rows instead of adding to them.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.events
+        (
+            tenant LowCardinality(String),
+            type LowCardinality(String),
+            ts DateTime64(3, 'UTC'),
+            source LowCardinality(String),
+            event_id String,
+            entity String,
+            value Float64,
+            partition UInt16,
+            offset UInt64,
+            payload String CODEC(ZSTD(3)),
+            written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        )
+        ENGINE = ReplacingMergeTree(written_at)
+        PARTITION BY toDate(ts)
+        ORDER BY (tenant, type, ts, source, event_id)
+        """,
+    ),
 )
 
 
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _dims(group_key: str) -> tuple[tuple[str, str], ...]:
+    """The group-by (name, value) pairs, in their order, back from a row's group key."""
+    if not group_key:
+        return ()
+    pairs = (part.split("=", 1) for part in group_key.split("\x1f"))
+    return tuple((name, value) for name, value in pairs)
 
 
 class ClickHouseStore:
@@ -114,10 +160,14 @@ class ClickHouseStore:
                 _utc(r.start),
                 _utc(r.end),
                 r.partition,
+                r.group_key,
+                dict(r.dims),
                 r.count,
                 r.sum,
                 r.min,
                 r.max,
+                r.distinct or "",
+                r.quantiles or "",
             ]
             for r in results
         ]
@@ -134,15 +184,31 @@ class ClickHouseStore:
                     "window_start",
                     "window_end",
                     "partition",
+                    "group_key",
+                    "dims",
                     "count",
                     "sum",
                     "min",
                     "max",
+                    "distinct_sketch",
+                    "quantile_sketch",
                 ],
             )
         except ClickHouseError as exc:
             raise StoreUnavailable(f"ClickHouse rejected {len(rows)} window rows: {exc}") from exc
         return len(rows)
+
+    def insert_events(self, table: pa.Table) -> int:
+        """Store raw events (columns as in the ``events`` table); a replay replaces rows."""
+        if not table.num_rows:
+            return 0
+        try:
+            self._client.insert_arrow(f"{self._database}.events", table)
+        except ClickHouseError as exc:
+            raise StoreUnavailable(
+                f"ClickHouse rejected {table.num_rows} raw events: {exc}"
+            ) from exc
+        return int(table.num_rows)
 
     def window_results(
         self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int
@@ -150,13 +216,13 @@ class ClickHouseStore:
         """Closed windows of one metric starting in [from, to), one row per partition."""
         rows = self._query(
             "SELECT toUnixTimestamp64Milli(window_start), toUnixTimestamp64Milli(window_end), "
-            "partition, count, sum, min, max "
+            "partition, count, sum, min, max, group_key, distinct_sketch, quantile_sketch "
             f"FROM {self._database}.window_results FINAL "
             "WHERE tenant = {tenant:String} AND type = {type:String} "
             "AND window = {window:String} "
             "AND window_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') "
             "AND window_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC') "
-            "ORDER BY window_start, partition",
+            "ORDER BY window_start, partition, group_key",
             {"tenant": tenant, "type": type_, "window": window, "from_ms": from_ms, "to_ms": to_ms},
         )
         return [
@@ -171,9 +237,21 @@ class ClickHouseStore:
                 float(r[4]),
                 float(r[5]),
                 float(r[6]),
+                _dims(r[7]),
+                r[8] or None,
+                r[9] or None,
             )
             for r in rows
         ]
+
+    def raw_event_stats(self, tenant: str) -> dict[str, int]:
+        """Raw events stored for a tenant: rows, and distinct (source, event_id) among them."""
+        rows = self._query(
+            "SELECT count(), uniqExact(source, event_id) "
+            f"FROM {self._database}.events FINAL WHERE tenant = {{tenant:String}}",
+            {"tenant": tenant},
+        )
+        return {"rows": int(rows[0][0]), "distinct_ids": int(rows[0][1])}
 
     def ping(self) -> bool:
         try:

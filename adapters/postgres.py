@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -64,6 +66,35 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        # The schema registry: a schema is stored once (by the fingerprint of its
+        # canonical form) and gets one global id; subjects list versions of ids, as the
+        # Confluent registry does.
+        """
+        CREATE TABLE IF NOT EXISTS schemas (
+            id serial PRIMARY KEY,
+            schema_type text NOT NULL DEFAULT 'AVRO',
+            schema text NOT NULL,
+            fingerprint text NOT NULL UNIQUE,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS subject_versions (
+            subject text NOT NULL,
+            version integer NOT NULL,
+            schema_id integer NOT NULL REFERENCES schemas (id),
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (subject, version)
+        );
+        CREATE INDEX IF NOT EXISTS subject_versions_schema ON subject_versions (schema_id);
+        CREATE TABLE IF NOT EXISTS cep_rules (
+            id text PRIMARY KEY,
+            spec jsonb NOT NULL,
+            enabled boolean NOT NULL DEFAULT true,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 
@@ -96,7 +127,49 @@ def migrate(dsn: str) -> list[int]:
         raise StoreUnavailable(f"PostgreSQL migration failed: {exc}") from exc
 
 
-class CheckpointStore:
+class _Connection:
+    """One asyncpg connection driven from one (non-async) thread, reconnecting on failure."""
+
+    _what = "PostgreSQL"
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._loop = asyncio.new_event_loop()
+        self._conn: asyncpg.Connection | None = None
+
+    def _call(
+        self,
+        sql: str,
+        *args: object,
+        fetch: str = "fetchrow",
+        in_flight: Callable[[], None] | None = None,
+    ) -> Any:
+        async def run() -> object:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(self._dsn, timeout=10)
+            statement = asyncio.ensure_future(
+                getattr(self._conn, fetch)(sql, *args, timeout=30)
+            )
+            if in_flight is not None:
+                await asyncio.sleep(0)  # the statement is on its way to the server
+                in_flight()
+            return await statement
+
+        try:
+            return self._loop.run_until_complete(run())
+        except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
+            self._conn = None
+            raise StoreUnavailable(f"{self._what} failed: {exc}") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreUnavailable(f"{self._what} failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            self._loop.run_until_complete(self._conn.close())
+        self._loop.close()
+
+
+class CheckpointStore(_Connection):
     """Partition snapshots with epoch fencing, for use from one (non-async) thread.
 
     ``save`` writes a partition's snapshot only when no newer epoch has written one for
@@ -104,25 +177,10 @@ class CheckpointStore:
     one saved, whole (one row, one statement).
     """
 
-    def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
-        self._loop = asyncio.new_event_loop()
-        self._conn: asyncpg.Connection | None = None
-
-    def _call(self, sql: str, *args: object, fetch: str = "fetchrow") -> object:
-        async def run() -> object:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self._dsn, timeout=10)
-            return await getattr(self._conn, fetch)(sql, *args, timeout=30)
-
-        try:
-            return self._loop.run_until_complete(run())
-        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-            self._conn = None
-            raise StoreUnavailable(f"PostgreSQL checkpoint store failed: {exc}") from exc
+    _what = "PostgreSQL checkpoint store"
 
     def next_epoch(self) -> int:
-        return int(self._call("SELECT nextval('coordinator_epoch')", fetch="fetchval"))  # type: ignore[call-overload]
+        return int(self._call("SELECT nextval('coordinator_epoch')", fetch="fetchval"))
 
     def load(self, topic: str, partition: int) -> tuple[int, int, bytes] | None:
         """(epoch, next offset, state) of the last snapshot, or None."""
@@ -134,9 +192,16 @@ class CheckpointStore:
         )
         return None if row is None else (row["epoch"], row["next_offset"], bytes(row["state"]))
 
-    def save(self, topic: str, epoch: int, snapshots: dict[int, tuple[int, bytes]]) -> set[int]:
+    def save(
+        self,
+        topic: str,
+        epoch: int,
+        snapshots: dict[int, tuple[int, bytes]],
+        in_flight: Callable[[], None] | None = None,
+    ) -> set[int]:
         """Save {partition: (next offset, state)} in one statement; return the partitions
-        saved. A partition missing from the answer belongs to a newer epoch (fenced)."""
+        saved. A partition missing from the answer belongs to a newer epoch (fenced).
+        ``in_flight`` is called while the statement is on its way (a test's crash hook)."""
         if not snapshots:
             return set()
         partitions = sorted(snapshots)
@@ -153,10 +218,121 @@ class CheckpointStore:
             [snapshots[p][0] for p in partitions],
             [snapshots[p][1] for p in partitions],
             fetch="fetch",
+            in_flight=in_flight,
         )
         return {int(r["partition"]) for r in rows}
 
-    def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            self._loop.run_until_complete(self._conn.close())
-        self._loop.close()
+
+class MetadataStore(_Connection):
+    """Schemas, CEP rules and dimension tables, for use from one (non-async) thread."""
+
+    _what = "PostgreSQL metadata store"
+
+    # Schema registry -------------------------------------------------------------
+
+    def register_schema(self, subject: str, text: str, fingerprint: str) -> tuple[int, int]:
+        """(schema id, version) of ``text`` under ``subject``; registering again is a no-op."""
+        row = self._call(
+            "WITH s AS (INSERT INTO schemas (schema, fingerprint) VALUES ($1, $2) "
+            "ON CONFLICT (fingerprint) DO UPDATE SET fingerprint = EXCLUDED.fingerprint "
+            "RETURNING id) SELECT id FROM s",
+            text,
+            fingerprint,
+        )
+        schema_id = int(row["id"])
+        latest = self._call(
+            "SELECT version, schema_id FROM subject_versions WHERE subject = $1 "
+            "ORDER BY version DESC LIMIT 1",
+            subject,
+        )
+        if latest is not None and latest["schema_id"] == schema_id:
+            return schema_id, int(latest["version"])
+        version = 1 if latest is None else int(latest["version"]) + 1
+        self._call(
+            "INSERT INTO subject_versions (subject, version, schema_id) VALUES ($1, $2, $3)",
+            subject,
+            version,
+            schema_id,
+        )
+        return schema_id, version
+
+    def schema_text(self, schema_id: int) -> str | None:
+        row = self._call("SELECT schema FROM schemas WHERE id = $1", schema_id)
+        return None if row is None else str(row["schema"])
+
+    def latest_schema(self, subject: str) -> tuple[int, int, str] | None:
+        """(id, version, text) of the subject's newest version, or None."""
+        row = self._call(
+            "SELECT s.id, v.version, s.schema FROM subject_versions v "
+            "JOIN schemas s ON s.id = v.schema_id WHERE v.subject = $1 "
+            "ORDER BY v.version DESC LIMIT 1",
+            subject,
+        )
+        return None if row is None else (int(row["id"]), int(row["version"]), str(row["schema"]))
+
+    def subjects(self) -> dict[str, tuple[int, int, str]]:
+        """Every subject's newest (id, version, text)."""
+        rows = self._call(
+            "SELECT DISTINCT ON (v.subject) v.subject, s.id, v.version, s.schema "
+            "FROM subject_versions v JOIN schemas s ON s.id = v.schema_id "
+            "ORDER BY v.subject, v.version DESC",
+            fetch="fetch",
+        )
+        return {r["subject"]: (int(r["id"]), int(r["version"]), str(r["schema"])) for r in rows}
+
+    # CEP rules ---------------------------------------------------------------------
+
+    def put_rule(self, rule_id: str, spec: dict[str, Any], enabled: bool = True) -> None:
+        self._call(
+            "INSERT INTO cep_rules (id, spec, enabled) VALUES ($1, $2::jsonb, $3) "
+            "ON CONFLICT (id) DO UPDATE SET spec = EXCLUDED.spec, enabled = EXCLUDED.enabled, "
+            "updated_at = clock_timestamp()",
+            rule_id,
+            json.dumps(spec),
+            enabled,
+            fetch="execute",
+        )
+
+    def delete_rule(self, rule_id: str) -> bool:
+        status = self._call("DELETE FROM cep_rules WHERE id = $1", rule_id, fetch="execute")
+        return str(status).endswith(" 1")
+
+    def rules(self) -> list[tuple[dict[str, Any], bool]]:
+        """Every rule's spec and whether it is enabled, by id."""
+        rows = self._call("SELECT spec, enabled FROM cep_rules ORDER BY id", fetch="fetch")
+        return [(json.loads(r["spec"]), bool(r["enabled"])) for r in rows]
+
+    def rules_version(self) -> str:
+        """Changes whenever a rule is added, changed or deleted."""
+        row = self._call("SELECT count(*) AS n, max(updated_at)::text AS at FROM cep_rules")
+        return f"{row['n']}:{row['at']}"
+
+    # Dimension tables ----------------------------------------------------------------
+
+    def dimension_version(self, table: str) -> str:
+        """Changes whenever a row of ``table`` is inserted, updated or deleted.
+
+        The newest transaction id among the rows and the row count: an update or insert
+        raises the first, a delete lowers the second. A full scan, meant for dimension
+        tables of thousands to a few million rows, run once per TTL.
+        """
+        name = _identifier(table)
+        row = self._call(f"SELECT count(*) AS n, max(xmin::text::bigint) AS x FROM {name}")
+        return f"{row['n']}:{row['x']}"
+
+    def dimension_rows(
+        self, table: str, key: str, columns: tuple[str, ...]
+    ) -> dict[str, list[Any]]:
+        """The key and the named columns of every row, column-wise, as text."""
+        names = [key, *columns]
+        select = ", ".join(f"{_identifier(c)}::text" for c in names)
+        rows = self._call(f"SELECT {select} FROM {_identifier(table)}", fetch="fetch")
+        return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+
+
+def _identifier(name: str) -> str:
+    """A table or column name from the settings, quoted (schema.table allowed)."""
+    parts = name.split(".")
+    if not all(p and len(p) <= 63 for p in parts) or len(parts) > 2:
+        raise ValueError(f"expected a table or column name such as dim_devices, got {name!r}")
+    return ".".join('"' + p.replace('"', '""') + '"' for p in parts)

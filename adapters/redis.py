@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
 import redis
+
+from adapters.exceptions import StoreUnavailable
+from core.partition_state import WindowResult
 
 
 def answers(host: str, port: int, password: str | None = None) -> bool:
@@ -14,3 +21,65 @@ def answers(host: str, port: int, password: str | None = None) -> bool:
         return False
     finally:
         client.close()
+
+
+class LiveTiles:
+    """The open windows of each partition in Redis: the live tiles of dashboards.
+
+    One hash per partition (``rayline:tiles:<topic>:<partition>``), field
+    ``<window>|<tenant>|<type>|<start>|<group key>``, value a JSON object with the
+    window's end and its partial count, sum, min, max, avg (and distinct count and
+    quantiles when kept). A write replaces a partition's hash in one transaction, so
+    a reader sees either the tiles before a batch or after it, never a mix.
+    """
+
+    def __init__(self, url: str, topic: str, ttl_seconds: int = 3600) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._topic = topic
+        self._ttl = ttl_seconds
+
+    def key(self, partition: int) -> str:
+        return f"rayline:tiles:{self._topic}:{partition}"
+
+    def write(self, windows: Mapping[int, Sequence[WindowResult]]) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        for partition, results in windows.items():
+            key = self.key(partition)
+            pipe.delete(key)
+            if results:
+                pipe.hset(key, mapping={_field(r): orjson.dumps(_tile(r)) for r in results})
+                pipe.expire(key, self._ttl)
+        try:
+            pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis did not take the live tiles: {exc}") from exc
+
+    def read(self, partition: int) -> dict[str, dict[str, Any]]:
+        try:
+            raw = self._client.hgetall(self.key(partition))
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis did not answer: {exc}") from exc
+        return {k.decode(): orjson.loads(v) for k, v in raw.items()}  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _field(r: WindowResult) -> str:
+    return f"{r.window}|{r.tenant}|{r.type}|{r.start}|{r.group_key}"
+
+
+def _tile(r: WindowResult) -> dict[str, Any]:
+    tile: dict[str, Any] = {
+        "end": r.end,
+        "count": r.count,
+        "sum": r.sum,
+        "min": r.min,
+        "max": r.max,
+        "avg": r.sum / r.count if r.count else None,
+    }
+    if r.distinct is not None:
+        tile["distinct"] = round(r.distinct_estimate() or 0)
+    if r.quantiles is not None:
+        tile["p50"], tile["p99"] = r.quantile(0.5), r.quantile(0.99)
+    return tile

@@ -15,6 +15,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_metadata import rules_app, schemas_app
 from cluster.settings import Settings, describe_settings, load_settings
 from core.exceptions import RaylineError
 
@@ -193,6 +194,10 @@ def scale_workers(
         report = scale(settings, count)
     owned = {w["worker"]: w["partitions"] for w in report["workers"]}
     console.print(f"epoch {report['epoch']}: {len(owned)} workers, partitions {owned}")
+
+
+app.add_typer(rules_app, name="rules")
+app.add_typer(schemas_app, name="schemas")
 
 
 class Then(StrEnum):

@@ -19,7 +19,9 @@ from actors.coordinator import COORDINATOR_NAME, Coordinator
 from actors.partition_worker import WorkerConfig
 from cluster.processes import ServiceFailed
 from cluster.settings import Settings
+from core.columnar import Layout
 from core.partition_state import ProcessingConfig, parse_window
+from core.transforms import parse_enrichment, parse_transforms
 from serve_apps.ingest import IngestAPI, IngestConfig
 from serve_apps.query import QueryAPI, QueryConfig
 
@@ -56,6 +58,10 @@ def worker_config(settings: Settings) -> WorkerConfig:
         batch_max_ms=settings.pipeline.batch_max_ms,
         processing=processing_config(settings),
         checkpoint_dsn=settings.postgres.dsn(),
+        alerts_topic=settings.kafka.alerts_topic,
+        redis_url=settings.redis.url() if settings.pipeline.live_tiles else None,
+        enrichment_ttl_ms=int(settings.pipeline.enrichment_ttl_seconds * 1000),
+        rules_refresh_ms=int(settings.pipeline.rules_refresh_seconds * 1000),
     )
 
 
@@ -67,6 +73,12 @@ def processing_config(settings: Settings) -> ProcessingConfig:
         idle_timeout_ms=int(p.idle_timeout_seconds * 1000),
         dedup_horizon_ms=int(p.dedup_horizon_seconds * 1000),
         dedup_max_ids=p.dedup_max_ids,
+        layout=Layout(tuple(sorted(p.attributes.items()))),
+        transforms=parse_transforms(p.transforms),
+        enrichment=tuple(parse_enrichment(spec) for spec in p.enrichment),
+        group_by=p.group_by,
+        distinct=p.distinct_field,
+        quantiles=p.quantiles,
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -94,6 +94,10 @@ class RedisSettings(_Part):
     port: int = Field(26379, ge=1, le=65535, description="Redis port.")
     password: SecretStr | None = Field(None, description="Redis password (never logged).")
 
+    def url(self) -> str:
+        auth = "" if self.password is None else f":{self.password.get_secret_value()}@"
+        return f"redis://{auth}{self.host}:{self.port}/0"
+
 
 class ClickHouseSettings(_Part):
     dsn: SecretStr | None = Field(
@@ -170,6 +174,65 @@ class PipelineSettings(_Part):
     dedup_max_ids: int = Field(
         2_000_000, ge=1000, description="Most ids one partition remembers for dedup."
     )
+    attributes: dict[str, Literal["string", "float", "int", "bool"]] = Field(
+        default_factory=dict,
+        description="Attributes the pipeline reads, with their type (e.g. `{device: string}`); "
+        "they become columns `attributes.<name>` for transforms, enrichment and group-by.",
+    )
+    transforms: tuple[dict[str, Any], ...] = Field(
+        (),
+        description="Steps applied to every batch, in order: `{rename: {from, to}}`, "
+        "`{cast: {field, to}}`, `{derive: {field, expr}}`, `{filter: expr}`.",
+    )
+    enrichment: tuple[dict[str, Any], ...] = Field(
+        (),
+        description="Lookups in PostgreSQL dimension tables: `{table, key, on, columns, "
+        "prefix}` adds the row's `columns` where `key` equals the event's `on` column.",
+    )
+    enrichment_ttl_seconds: float = Field(
+        30.0, gt=0, description="How often a worker checks a dimension table for changes."
+    )
+    group_by: tuple[str, ...] = Field(
+        (),
+        description="Columns that split every window's aggregates besides tenant and type "
+        "(e.g. `site` from an enrichment, or `attributes.device`).",
+    )
+    distinct_field: str | None = Field(
+        "entity",
+        description="Column whose distinct values each window counts (HyperLogLog); "
+        "empty for none.",
+    )
+    quantiles: bool = Field(
+        True, description="Keep a quantile sketch (DDSketch, 1% relative error) of `value`."
+    )
+    rules_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often workers reload the CEP rules from PostgreSQL."
+    )
+    live_tiles: bool = Field(
+        True, description="Write the open windows to Redis after every batch (live tiles)."
+    )
+
+    @field_validator("transforms")
+    @classmethod
+    def _transforms_parse(cls, value: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from core.transforms import parse_transforms
+
+        parse_transforms(value)  # raises ValueError naming the bad step
+        return value
+
+    @field_validator("enrichment")
+    @classmethod
+    def _enrichment_parse(cls, value: tuple[dict[str, Any], ...]) -> tuple[dict[str, Any], ...]:
+        from core.transforms import parse_enrichment
+
+        for spec in value:
+            parse_enrichment(spec)
+        return value
+
+    @field_validator("distinct_field")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator("windows")
     @classmethod

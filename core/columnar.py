@@ -1,75 +1,94 @@
-"""The columnar fast path of a micro-batch: Arrow decodes, NumPy decides, Arrow groups.
+"""The columnar side of a micro-batch: Arrow decodes, NumPy decides and groups.
 
-Per-event Python is what limits a stream processor written in Python. For a batch of
-well-formed envelopes (what ingest writes), this module parses the JSON of the whole
-batch at once with Arrow's reader, computes window starts, lateness and dedup
-buckets on NumPy arrays, and aggregates count, sum, min and max per (group, window)
-with Arrow's hash aggregation, so that only the *groups* come back to Python.
+Per-event Python is what limits a stream processor written in Python. This module
+turns a whole consumed batch (all partitions at once) into one Arrow table, and
+aggregates it per (partition, group, window start) with NumPy, so that only the
+*groups* come back to Python.
 
-:func:`decode_batch` returns None when any record is not a clean envelope (bad JSON,
-a missing or mistyped field, a record spanning lines); the caller then takes the
-per-record path, which names each bad record's reason. Both paths give the same
-results, which the unit tests check on random batches.
+Decoding has two paths. :func:`decode_json` parses the JSON of the whole batch in one
+call to Arrow's reader, against an explicit schema (the envelope fields plus the
+declared attributes); it returns None as soon as any record is not a clean envelope.
+The caller then decodes record by record with :func:`decode_record`, which names the
+reason of each bad record (and decodes Avro records in the Confluent wire format),
+and builds the table of the good ones with :func:`table_from_events`. Both paths give
+the same table for the same good records; the unit tests check it.
+
+Column names: the envelope fields as they are (``event_id``, ``source``, ``tenant``,
+``type``, ``ts`` in epoch ms, ``value``, ``entity``), declared attributes as
+``attributes.<name>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from core.event_time import Hopping, Tumbling
+from core.avro import AvroError, is_framed
+from core.envelope import check_stored
+from core.event_time import Agg, Hopping, Tumbling
+from core.sketches import ddsketch_by_group, hll_by_group
 
-_SCHEMA = pa.schema(
-    [
-        ("event_id", pa.string()),
-        ("source", pa.string()),
-        ("tenant", pa.string()),
-        ("type", pa.string()),
-        ("ts", pa.int64()),
-        ("value", pa.float64()),
-    ]
-)
-_PARSE = pj.ParseOptions(explicit_schema=_SCHEMA, unexpected_field_behavior="ignore")
+ATTRIBUTE_TYPES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "float": pa.float64(),
+    "int": pa.int64(),
+    "bool": pa.bool_(),
+}
+_ENVELOPE = [
+    ("event_id", pa.string()),
+    ("source", pa.string()),
+    ("tenant", pa.string()),
+    ("type", pa.string()),
+    ("ts", pa.int64()),
+    ("value", pa.float64()),
+    ("entity", pa.string()),
+]
 _REQUIRED = ("event_id", "tenant", "type", "ts", "value")
+NO_WATERMARK = np.iinfo(np.int64).min // 4
 
 
 @dataclass(frozen=True, slots=True)
-class Columns:
-    """One batch of one partition, decoded: a table and its event times as NumPy."""
+class Layout:
+    """What a batch is decoded into: the envelope plus declared, typed attributes."""
 
-    table: pa.Table
-    ts: np.ndarray
+    attributes: tuple[tuple[str, str], ...] = ()
 
-    def __len__(self) -> int:
-        return self.table.num_rows
+    def json_schema(self) -> pa.Schema:
+        fields = [pa.field(name, kind) for name, kind in _ENVELOPE]
+        if self.attributes:
+            attrs = [pa.field(n, ATTRIBUTE_TYPES[k]) for n, k in self.attributes]
+            fields.append(pa.field("attributes", pa.struct(attrs)))
+        return pa.schema(fields)
 
-    def dedup_keys(self) -> list[str]:
-        t = self.table
-        keys = pc.binary_join_element_wise(
-            t["tenant"], pc.fill_null(t["source"], ""), t["event_id"], "\x1f"
-        )
-        return list(keys.to_pylist())
-
-    def take(self, mask: np.ndarray) -> Columns:
-        return Columns(self.table.filter(pa.array(mask)), self.ts[mask])
+    def flat_schema(self) -> pa.Schema:
+        fields = [pa.field(name, kind) for name, kind in _ENVELOPE]
+        fields += [pa.field(f"attributes.{n}", ATTRIBUTE_TYPES[k]) for n, k in self.attributes]
+        return pa.schema(fields)
 
 
-def decode_batch(values: Sequence[bytes | None]) -> Columns | None:
+def decode_json(values: Sequence[bytes | None], layout: Layout) -> pa.Table | None:
     """Parse a batch of envelope JSON documents, or None when any one is not clean."""
-    if not values or any(v is None or b"\n" in v for v in values):
+    if not values or any(v is None or b"\n" in v or not v.startswith(b"{") for v in values):
         return None
     data = b"\n".join(v for v in values if v is not None)
-    block = len(data) + 1  # one block: one parse, no cross-block type checks
+    options = pj.ParseOptions(
+        explicit_schema=layout.json_schema(), unexpected_field_behavior="ignore"
+    )
     try:
         table = pj.read_json(
-            BytesIO(data), read_options=pj.ReadOptions(block_size=block), parse_options=_PARSE
+            BytesIO(data),
+            # one block: one parse, no cross-block type checks
+            read_options=pj.ReadOptions(block_size=len(data) + 1),
+            parse_options=options,
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
@@ -77,38 +96,173 @@ def decode_batch(values: Sequence[bytes | None]) -> Columns | None:
         return None
     if any(table[name].null_count for name in _REQUIRED):
         return None
-    value = table["value"]
-    if not pc.all(pc.is_finite(value)).as_py():
+    if not pc.all(pc.is_finite(table["value"])).as_py():
         return None
-    table = table.combine_chunks()
-    return Columns(table, table["ts"].to_numpy())
+    if layout.attributes:
+        table = table.flatten()
+    return table.combine_chunks()
 
 
-def late_mask(ts: np.ndarray, spec: Tumbling | Hopping, watermark: int | None) -> np.ndarray:
-    """True where every window of ``spec`` that holds the event has closed."""
-    if watermark is None:
-        return np.zeros(len(ts), dtype=bool)
-    step = spec.hop_ms if isinstance(spec, Hopping) else spec.size_ms
-    last_start = ts - ts % step
-    return np.asarray(last_start + spec.length_ms <= watermark)
+def decode_record(
+    value: bytes | None, layout: Layout, avro: Callable[[bytes], dict[str, Any]] | None = None
+) -> tuple[dict[str, Any] | None, str]:
+    """One record as a flat row of the layout, or None and the reason it is unusable."""
+    if value is not None and is_framed(value):
+        if avro is None:
+            return None, "Avro record, but no schema registry is configured"
+        try:
+            event = avro(value)
+        except AvroError as exc:
+            return None, str(exc)
+    else:
+        try:
+            event = orjson.loads(value or b"")
+        except orjson.JSONDecodeError as exc:
+            return None, f"not JSON: {exc}"
+    problem = check_stored(event)
+    if problem is not None:
+        return None, problem
+    row = {name: event.get(name) for name, _kind in _ENVELOPE}
+    row["source"] = row["source"] or ""
+    if not isinstance(row["entity"], str):
+        row["entity"] = None
+    attributes = event.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        return None, f"field 'attributes' expected an object, got {type(attributes).__name__}"
+    for name, kind in layout.attributes:
+        try:
+            row[f"attributes.{name}"] = coerce(attributes.get(name), kind)
+        except ValueError as exc:
+            return None, f"field 'attributes.{name}' {exc}"
+    return row, ""
+
+
+def coerce(value: Any, kind: str) -> Any:
+    """A declared attribute's value as its declared type (lossless conversions only)."""
+    if value is None:
+        return None
+    if kind == "string":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return value if isinstance(value, str) else str(value)
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind == "bool" and isinstance(value, bool):
+        return value
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise ValueError(f"expected {kind}, got {shown}")
+
+
+def table_from_events(rows: Sequence[Mapping[str, Any]], layout: Layout) -> pa.Table:
+    return pa.Table.from_pylist(list(rows), schema=layout.flat_schema())
+
+
+# Grouping ---------------------------------------------------------------------
+
+
+def dense_codes(column: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndarray:
+    """Small integer codes (0..k-1) with equal codes for equal values; null is a value."""
+    if isinstance(column, np.ndarray):
+        return np.unique(column, return_inverse=True)[1].astype(np.int64)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    encoded = pc.dictionary_encode(column, null_encoding="encode")
+    return np.asarray(encoded.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def group_ids(columns: Sequence[pa.Array | pa.ChunkedArray | np.ndarray]) -> np.ndarray:
+    """One dense group id per row for the combination of ``columns``."""
+    ids = np.zeros(len(columns[0]), dtype=np.int64)
+    for column in columns:
+        codes = dense_codes(column)
+        width = int(codes.max()) + 1 if len(codes) else 1
+        # Re-densify after each column so the combined code never overflows.
+        ids = np.unique(ids * width + codes, return_inverse=True)[1].astype(np.int64)
+    return ids
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """The aggregate of one group's rows in one window start."""
+
+    row: int  # a row of the group: its key values can be read from the table there
+    start: int
+    agg: Agg
 
 
 def window_partials(
-    cols: Columns, spec: Tumbling | Hopping, watermark: int | None
-) -> list[dict[str, Any]]:
-    """count, sum, min, max per (tenant, type, window start) of still-open windows."""
+    group: np.ndarray,
+    ts: np.ndarray,
+    values: np.ndarray,
+    marks: np.ndarray,
+    spec: Tumbling | Hopping,
+    distinct: tuple[np.ndarray, np.ndarray] | None = None,
+    quantiles: bool = False,
+) -> list[Partial]:
+    """Aggregate rows per (group, window start) for the windows still open at ``marks``.
+
+    Args:
+        group: a dense group id per row (partition and group-by columns).
+        ts: event time per row (epoch ms).
+        values: the value per row.
+        marks: the watermark of each row's partition (``NO_WATERMARK`` before any).
+        spec: the window kind.
+        distinct: 64-bit hashes of the distinct-count column and where it is not null.
+        quantiles: whether to sketch the values' distribution.
+    """
     step = spec.hop_ms if isinstance(spec, Hopping) else spec.size_ms
-    last_start = cols.ts - cols.ts % step
-    parts = []
+    last_start = ts - ts % step
+    rows, starts = [], []
     for k in range(spec.length_ms // step):
-        starts = last_start - k * step
-        keep = None if watermark is None else starts + spec.length_ms > watermark
-        t = cols.table.select(["tenant", "type", "value"]).append_column("start", pa.array(starts))
-        parts.append(t if keep is None else t.filter(pa.array(keep)))
-    table = pa.concat_tables(parts)
-    if table.num_rows == 0:
+        s = last_start - k * step
+        keep = np.flatnonzero(s + spec.length_ms > marks)
+        rows.append(keep)
+        starts.append(s[keep])
+    row = np.concatenate(rows)
+    if not len(row):
         return []
-    grouped = table.group_by(["tenant", "type", "start"]).aggregate(
-        [("value", "count"), ("value", "sum"), ("value", "min"), ("value", "max")]
-    )
-    return list(grouped.to_pylist())
+    start = np.concatenate(starts)
+    gid = group_ids([group[row], start])
+    return _aggregate(gid, row, start, values[row], distinct, quantiles)
+
+
+def _aggregate(
+    gid: np.ndarray,
+    row: np.ndarray,
+    start: np.ndarray,
+    values: np.ndarray,
+    distinct: tuple[np.ndarray, np.ndarray] | None,
+    quantiles: bool,
+) -> list[Partial]:
+    n = int(gid.max()) + 1
+    order = np.argsort(gid, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(gid[order]) != 0])
+    first = order[bounds]
+    counts = np.bincount(gid, minlength=n)
+    sums = np.bincount(gid, weights=values, minlength=n)
+    mins = np.minimum.reduceat(values[order], bounds)
+    maxs = np.maximum.reduceat(values[order], bounds)
+    hlls = None
+    if distinct is not None:
+        hashes, valid = distinct[0][row], distinct[1][row]
+        hlls = hll_by_group(gid[valid], hashes[valid], n)
+    sketches = ddsketch_by_group(gid, values, n) if quantiles else None
+    out = []
+    for g in range(n):
+        agg = Agg(int(counts[g]), float(sums[g]), float(mins[g]), float(maxs[g]))
+        agg.distinct = None if hlls is None else hlls[g]
+        agg.quantiles = None if sketches is None else sketches[g]
+        out.append(Partial(int(row[first[g]]), int(start[first[g]]), agg))
+    return out
+
+
+def late_mask(ts: np.ndarray, spec: Tumbling | Hopping, marks: np.ndarray) -> np.ndarray:
+    """True where every window of ``spec`` that holds the event has closed."""
+    step = spec.hop_ms if isinstance(spec, Hopping) else spec.size_ms
+    last_start = ts - ts % step
+    return np.asarray(last_start + spec.length_ms <= marks)

@@ -13,21 +13,27 @@ the clock instead, so that windows close without new data. The clock is passed i
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from core.sketches import DDSketch, HyperLogLog
 
 Group = tuple[Hashable, ...]
 
 
 @dataclass(slots=True)
 class Agg:
-    """count, sum, min and max of the values folded in; avg derives from them."""
+    """count, sum, min and max of the values folded in (avg derives from them), and
+    optionally a distinct-count sketch and a quantile sketch; all of it merges."""
 
     count: int = 0
     sum: float = 0.0
     min: float = float("inf")
     max: float = float("-inf")
+    distinct: HyperLogLog | None = None
+    quantiles: DDSketch | None = None
 
     def add(self, value: float) -> None:
         self.count += 1
@@ -42,17 +48,43 @@ class Agg:
         self.sum += other.sum
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+        if other.distinct is not None:
+            if self.distinct is None:
+                self.distinct = HyperLogLog.from_bytes(other.distinct.to_bytes())
+            else:
+                self.distinct.merge(other.distinct)
+        if other.quantiles is not None:
+            if self.quantiles is None:
+                self.quantiles = DDSketch.from_bytes(other.quantiles.to_bytes())
+            else:
+                self.quantiles.merge(other.quantiles)
 
     @property
     def avg(self) -> float | None:
         return self.sum / self.count if self.count else None
 
-    def as_list(self) -> list[float]:
-        return [self.count, self.sum, self.min, self.max]
+    def as_list(self) -> list[Any]:
+        return [
+            self.count,
+            self.sum,
+            self.min,
+            self.max,
+            None if self.distinct is None else _b64(self.distinct.to_bytes()),
+            None if self.quantiles is None else _b64(self.quantiles.to_bytes()),
+        ]
 
     @classmethod
-    def from_list(cls, data: list[float]) -> Agg:
-        return cls(int(data[0]), data[1], data[2], data[3])
+    def from_list(cls, data: list[Any]) -> Agg:
+        agg = cls(int(data[0]), data[1], data[2], data[3])
+        if len(data) > 4 and data[4] is not None:
+            agg.distinct = HyperLogLog.from_bytes(base64.b64decode(data[4]))
+        if len(data) > 5 and data[5] is not None:
+            agg.quantiles = DDSketch.from_bytes(base64.b64decode(data[5]))
+        return agg
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +211,9 @@ class WindowOperator:
         """Fold a pre-aggregated partial into the fixed window at ``start``."""
         agg = self._fixed.get((group, start))
         if agg is None:
+            if partial.distinct is not None:
+                # Sketches made per batch may be views of one array; own a copy.
+                partial.distinct = partial.distinct.copy()
             self._fixed[(group, start)] = partial
         else:
             agg.merge(partial)

@@ -18,20 +18,18 @@ offset from which to re-read the partition to rebuild them (:meth:`rebuild_dedup
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import base64
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import astuple, dataclass, field
+from itertools import zip_longest
 from typing import Any
 
-import numpy as np
-import orjson
-
-from core.columnar import Columns, decode_batch, late_mask, window_partials
+from core.batch import Runtime, process_batch
+from core.cep import CepEngine, Match
+from core.columnar import Layout, decode_record
 from core.dedup import DedupFilter
-from core.envelope import check_stored
 from core.event_time import (
-    Agg,
     ClosedWindow,
-    Group,
     Hopping,
     PartitionWatermark,
     Session,
@@ -39,6 +37,8 @@ from core.event_time import (
     WindowOperator,
     WindowSpec,
 )
+from core.sketches import DDSketch, HyperLogLog
+from core.transforms import EnrichmentSpec, Transform
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +56,12 @@ class ProcessingConfig:
     idle_timeout_ms: int
     dedup_horizon_ms: int
     dedup_max_ids: int = 2_000_000
+    layout: Layout = field(default_factory=Layout)
+    transforms: tuple[Transform, ...] = ()
+    enrichment: tuple[EnrichmentSpec, ...] = ()
+    group_by: tuple[str, ...] = ()
+    distinct: str | None = None
+    quantiles: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +78,36 @@ class WindowResult:
     sum: float
     min: float
     max: float
+    dims: tuple[tuple[str, str], ...] = ()
+    distinct: str | None = None  # a HyperLogLog, base64
+    quantiles: str | None = None  # a DDSketch, base64
+
+    @property
+    def group_key(self) -> str:
+        """The group-by values as one text (empty without group-by): part of the row key."""
+        return "\x1f".join(f"{name}={value}" for name, value in self.dims)
+
+    def to_row(self) -> list[Any]:
+        row = list(astuple(self))
+        row[10] = [list(pair) for pair in self.dims]
+        return row
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> WindowResult:
+        values = list(row)
+        if len(values) > 10:
+            values[10] = tuple((str(n), str(v)) for n, v in values[10])
+        return cls(*values)
+
+    def distinct_estimate(self) -> float | None:
+        if self.distinct is None:
+            return None
+        return HyperLogLog.from_bytes(base64.b64decode(self.distinct)).estimate()
+
+    def quantile(self, q: float) -> float | None:
+        if self.quantiles is None:
+            return None
+        return DDSketch.from_bytes(base64.b64decode(self.quantiles)).quantile(q)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +124,10 @@ class BatchOutcome:
     closed: list[WindowResult] = field(default_factory=list)
     rejected: list[tuple[RecordRef, str]] = field(default_factory=list)
     late: list[RecordRef] = field(default_factory=list)
+    alerts: list[Match] = field(default_factory=list)
     duplicates: int = 0
     processed: int = 0
+    filtered: int = 0
 
 
 def parse_window(text: str) -> WindowDef:
@@ -113,10 +151,6 @@ def parse_window(text: str) -> WindowDef:
     return WindowDef(text, Tumbling(duration(text)))
 
 
-def _group(event: Mapping[str, Any]) -> Group:
-    return (event["tenant"], event["type"])
-
-
 class PartitionState:
     """The state of one partition; see the module docstring for the contract."""
 
@@ -125,96 +159,42 @@ class PartitionState:
         self.config = config
         self.next_offset = next_offset
         self.watermark = PartitionWatermark(config.allowed_lateness_ms, config.idle_timeout_ms)
+        self.mark_before: int | None = None  # the watermark a batch's lateness is judged by
         self.operators = {w.name: WindowOperator(w.spec) for w in config.windows}
         self.dedup = DedupFilter(config.dedup_horizon_ms, max_ids=config.dedup_max_ids)
+        self.cep = CepEngine(())
+        self.rules_version: int | None = None
 
     # Processing ----------------------------------------------------------------
 
-    def process(self, records: Sequence[RecordRef], wall_ms: int) -> BatchOutcome:
-        """Fold one batch of this partition's records (in offset order).
-
-        Clean batches take the columnar path; a batch with any bad record takes the
-        per-record path, which says why each bad record was rejected.
-        """
-        sessions = any(isinstance(op.spec, Session) for op in self.operators.values())
-        cols = None if sessions else decode_batch([r.value for r in records])
-        out = (
-            self._process_columns(records, cols, wall_ms)
-            if cols
-            else self._process_records(records, wall_ms)
-        )
-        if records:
-            self.next_offset = records[-1].offset + 1
-        out.closed = self.tick(wall_ms)
-        return out
-
-    def _process_columns(
-        self, records: Sequence[RecordRef], cols: Columns, wall_ms: int
+    def process(
+        self, records: Sequence[RecordRef], wall_ms: int, runtime: Runtime | None = None
     ) -> BatchOutcome:
-        out = BatchOutcome()
-        offsets = [r.offset for r in records]
-        fresh_mask = np.array(self.dedup.split_keys(cols.dedup_keys(), cols.ts.tolist(), offsets))
-        out.duplicates = int((~fresh_mask).sum())
-        mark = self.watermark.current(wall_ms)
-        late = np.zeros(len(cols), dtype=bool)
-        for op in self.operators.values():
-            assert not isinstance(op.spec, Session)
-            late |= late_mask(cols.ts, op.spec, mark)
-        late &= fresh_mask
-        out.late = [records[i] for i in np.flatnonzero(late).tolist()]
-        on_time = cols.take(fresh_mask & ~late)
-        for op in self.operators.values():
-            assert not isinstance(op.spec, Session)
-            for row in window_partials(on_time, op.spec, mark):
-                agg = Agg(row["value_count"], row["value_sum"], row["value_min"], row["value_max"])
-                op.merge_partial((row["tenant"], row["type"]), row["start"], agg)
-        out.processed = len(on_time)
-        self.watermark.observe(int(cols.ts.max()), wall_ms)
-        return out
+        """Fold one batch of this partition's records (in offset order)."""
+        states = {self.partition: self}
+        batch = {self.partition: records}
+        outcomes, _counted = process_batch(states, batch, wall_ms, runtime or Runtime())
+        return outcomes[self.partition]
 
-    def _process_records(self, records: Sequence[RecordRef], wall_ms: int) -> BatchOutcome:
-        out = BatchOutcome()
-        events: list[dict[str, Any]] = []
-        offsets: dict[int, RecordRef] = {}
-        for ref in records:
-            event, reason = _decode(ref)
-            if event is None:
-                out.rejected.append((ref, reason))
-                continue
-            event["_offset"] = ref.offset
-            offsets[ref.offset] = ref
-            events.append(event)
-        fresh, dupes = self.dedup.split(events, [e["_offset"] for e in events])
-        out.duplicates = len(dupes)
-        mark = self.watermark.current(wall_ms)
-        # Late for any window kind means late for all: the event goes to the DLQ once
-        # and counts nowhere, so that one rule recomputes every aggregate offline.
-        on_time: list[Mapping[str, Any]] = []
-        for candidate in fresh:
-            if any(op.is_late(candidate["ts"], mark) for op in self.operators.values()):
-                out.late.append(offsets[candidate["_offset"]])
-            else:
-                on_time.append(candidate)
-        for op in self.operators.values():
-            op.add(on_time, _group, mark)
-        out.processed = len(on_time)
-        if events:
-            self.watermark.observe(max(e["ts"] for e in events), wall_ms)
-        return out
+    def sync_rules(self, runtime: Runtime) -> None:
+        """Take the CEP rules in force (a hot reload keeps the state of unchanged rules)."""
+        if runtime.rules_version != self.rules_version:
+            self.cep.set_rules(runtime.rules)
+            self.rules_version = runtime.rules_version
 
-    def tick(self, wall_ms: int) -> list[WindowResult]:
+    def tick(self, wall_ms: int) -> tuple[list[WindowResult], list[Match]]:
         """Close what the watermark (perhaps advanced by idleness) has passed."""
         mark = self.watermark.current(wall_ms)
         if mark is None:
-            return []
+            return [], []
         self.dedup.advance(mark)
         results: list[WindowResult] = []
         for name, op in self.operators.items():
             results.extend(self._result(name, w) for w in op.close_until(mark))
-        return results
+        return results, self.cep.on_watermark(mark)
 
     def _result(self, name: str, w: ClosedWindow) -> WindowResult:
-        tenant, type_ = w.group
+        tenant, type_, *dims = w.group
         a = w.agg
         return WindowResult(
             name,
@@ -227,6 +207,15 @@ class PartitionState:
             a.sum,
             a.min,
             a.max,
+            # (a window restored from other settings may lack a column: it is empty)
+            tuple(
+                (name, str(d))
+                for name, d in zip_longest(
+                    self.config.group_by, dims[: len(self.config.group_by)], fillvalue=""
+                )
+            ),
+            None if a.distinct is None else base64.b64encode(a.distinct.to_bytes()).decode(),
+            None if a.quantiles is None else base64.b64encode(a.quantiles.to_bytes()).decode(),
         )
 
     def open_windows(self) -> list[WindowResult]:
@@ -241,18 +230,23 @@ class PartitionState:
         first = self.dedup.rebuild_from()
         return self.next_offset if first is None else first
 
-    def rebuild_dedup(self, records: Sequence[RecordRef]) -> None:
+    def rebuild_dedup(
+        self,
+        records: Sequence[RecordRef],
+        avro: Callable[[bytes], dict[str, Any]] | None = None,
+    ) -> None:
         """Re-learn the ids of records already processed (offsets before ``next_offset``)."""
-        events = []
+        keys, times, offsets = [], [], []
         for ref in records:
             if ref.offset >= self.next_offset:
                 break
-            event, _reason = _decode(ref)
-            if event is not None:
-                event["_offset"] = ref.offset
-                events.append(event)
+            row, _reason = decode_record(ref.value, Layout(), avro)
+            if row is not None:
+                keys.append(f"{row['tenant']}\x1f{row['source'] or ''}\x1f{row['event_id']}")
+                times.append(int(row["ts"]))
+                offsets.append(ref.offset)
         counted = self.dedup.stats.duplicates
-        self.dedup.split(events, [e["_offset"] for e in events])
+        self.dedup.split_keys(keys, times, offsets)
         self.dedup.stats.duplicates = counted  # a rebuild re-reads; it finds nothing new
 
     def snapshot(self) -> dict[str, Any]:
@@ -263,61 +257,122 @@ class PartitionState:
             "dedup_from": self.dedup_rebuild_from(),
             "watermark": [mark.max_ts, mark.last_event_wall_ms],
             "windows": {name: op.snapshot() for name, op in self.operators.items()},
+            "group_by": list(self.config.group_by),
+            "cep": self.cep.snapshot(),
         }
 
     @classmethod
-    def restore(cls, config: ProcessingConfig, data: Mapping[str, Any]) -> PartitionState:
+    def restore(
+        cls, config: ProcessingConfig, data: Mapping[str, Any], runtime: Runtime | None = None
+    ) -> PartitionState:
         state = cls(data["partition"], config, data["next_offset"])
         state.watermark.max_ts, state.watermark.last_event_wall_ms = data["watermark"]
+        saved_by = tuple(data.get("group_by", ()))
         for w in config.windows:
             if w.name in data["windows"]:
-                state.operators[w.name] = WindowOperator.restore(w.spec, data["windows"][w.name])
+                op = WindowOperator.restore(w.spec, data["windows"][w.name])
+                if saved_by != config.group_by:
+                    op = _regrouped(op, saved_by, config.group_by)
+                state.operators[w.name] = op
+        runtime = runtime or Runtime()
+        rules = list(runtime.rules)
+        state.cep = CepEngine.restore(rules, data["cep"]) if "cep" in data else CepEngine(rules)
+        state.rules_version = runtime.rules_version
         return state
 
 
-def _decode(ref: RecordRef) -> tuple[dict[str, Any] | None, str]:
-    try:
-        event = orjson.loads(ref.value or b"")
-    except orjson.JSONDecodeError as exc:
-        return None, f"not JSON: {exc}"
-    problem = check_stored(event)
-    if problem is not None:
-        return None, problem
-    event.setdefault("source", "")
-    return event, ""
+def _regrouped(
+    op: WindowOperator, before: tuple[str, ...], after: tuple[str, ...]
+) -> WindowOperator:
+    """Open windows keyed by the group-by columns of ``after``, from a snapshot taken
+    under ``before`` (the settings changed): columns new to the group-by are empty for
+    the windows opened before, and groups that only dropped columns differ in merge."""
+    out = WindowOperator(op.spec)
+    for closed in op.open_windows():
+        tenant, type_, *dims = closed.group
+        values = dict(zip(before, dims, strict=False))
+        group = (tenant, type_, *(values.get(name, "") for name in after))
+        if isinstance(op.spec, Session):
+            out._sessions.setdefault(group, []).extend(
+                s for s in op._sessions.get(closed.group, []) if s.start == closed.start
+            )
+        else:
+            out.merge_partial(group, closed.start, closed.agg)
+    return out
 
 
 def combine_results(
     closed: Sequence[WindowResult], live: Sequence[WindowResult]
 ) -> list[dict[str, Any]]:
-    """Merge stored (closed) and live (open) rows into one row per window start.
+    """Merge stored (closed) and live (open) rows into one row per window start and group.
 
     Rows are per partition; a partition's window is either still open in its worker
     or stored, and when it shows up in both (it closed between the two reads) the
-    stored row wins, so nothing counts twice.
+    stored row wins, so nothing counts twice. Distinct counts and quantiles merge
+    their sketches across partitions, so they are exact sketches of the union.
     """
-    rows: dict[tuple[int, int], tuple[WindowResult, bool]] = {
-        (r.start, r.partition): (r, True) for r in live
+    rows: dict[tuple[int, str, int], tuple[WindowResult, bool]] = {
+        (r.start, r.group_key, r.partition): (r, True) for r in live
     }
-    rows.update({(r.start, r.partition): (r, False) for r in closed})
-    merged: dict[int, dict[str, Any]] = {}
-    for (start, _partition), (r, is_open) in sorted(rows.items()):
-        m = merged.get(start)
+    rows.update({(r.start, r.group_key, r.partition): (r, False) for r in closed})
+    merged: dict[tuple[int, str], _Merged] = {}
+    for (start, group, _partition), (r, is_open) in sorted(rows.items()):
+        m = merged.get((start, group))
         if m is None:
-            merged[start] = {
-                "start": start,
-                "end": r.end,
-                "count": r.count,
-                "sum": r.sum,
-                "min": r.min,
-                "max": r.max,
-                "open": is_open,
-            }
-            continue
-        m["end"] = max(m["end"], r.end)
-        m["count"] += r.count
-        m["sum"] += r.sum
-        m["min"] = min(m["min"], r.min)
-        m["max"] = max(m["max"], r.max)
-        m["open"] = m["open"] or is_open
-    return list(merged.values())
+            merged[(start, group)] = m = _Merged(r)
+        m.add(r, is_open)
+    return [m.as_dict() for m in merged.values()]
+
+
+@dataclass
+class _Merged:
+    first: WindowResult
+    count: int = 0
+    sum: float = 0.0
+    min: float = float("inf")
+    max: float = float("-inf")
+    end: int = 0
+    open: bool = False
+    distinct: HyperLogLog | None = None
+    quantiles: DDSketch | None = None
+
+    def add(self, r: WindowResult, is_open: bool) -> None:
+        self.count += r.count
+        self.sum += r.sum
+        self.min = min(self.min, r.min)
+        self.max = max(self.max, r.max)
+        self.end = max(self.end, r.end)
+        self.open = self.open or is_open
+        if r.distinct is not None:
+            hll = HyperLogLog.from_bytes(base64.b64decode(r.distinct))
+            self.distinct = hll if self.distinct is None else _merged(self.distinct, hll)
+        if r.quantiles is not None:
+            sketch = DDSketch.from_bytes(base64.b64decode(r.quantiles))
+            self.quantiles = sketch if self.quantiles is None else _merged(self.quantiles, sketch)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "start": self.first.start,
+            "end": self.end,
+            "count": self.count,
+            "sum": self.sum,
+            "min": self.min,
+            "max": self.max,
+            "avg": self.sum / self.count if self.count else None,
+            "open": self.open,
+        }
+        if self.first.dims:
+            out["group"] = dict(self.first.dims)
+        if self.distinct is not None:
+            out["distinct"] = round(self.distinct.estimate())
+        if self.quantiles is not None:
+            out["quantiles"] = {f"p{round(q * 100)}": self.quantiles.quantile(q) for q in _QS}
+        return out
+
+
+_QS = (0.5, 0.9, 0.99)
+
+
+def _merged(a: Any, b: Any) -> Any:
+    a.merge(b)
+    return a

@@ -121,19 +121,7 @@ class QueryAPI:
             "window": kind,
             "from": _iso(from_ms),
             "to": _iso(to_ms),
-            "windows": [
-                {
-                    "start": _iso(r["start"]),
-                    "end": _iso(r["end"]),
-                    "count": r["count"],
-                    "sum": r["sum"],
-                    "min": r["min"],
-                    "max": r["max"],
-                    "avg": r["sum"] / r["count"] if r["count"] else None,
-                    "open": r["open"],
-                }
-                for r in rows
-            ],
+            "windows": [dict(r, start=_iso(r["start"]), end=_iso(r["end"])) for r in rows],
             "total": {
                 "count": sum(r["count"] for r in rows),
                 "sum": sum(r["sum"] for r in rows),

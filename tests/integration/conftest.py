@@ -4,6 +4,7 @@ and stopped at the end by `rayline down`. Tests isolate themselves by uuid tenan
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -12,8 +13,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import httpx
+import orjson
 import pytest
+import ray
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import end_offsets
@@ -37,7 +41,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # The test stack allows an hour of lateness, so that tests may place events at known
 # times in the recent past (and close windows on purpose by sending a later event).
-STACK_ENV = {"RAYLINE_PIPELINE__ALLOWED_LATENESS_SECONDS": "3600"}
+# Tests that close windows move a partition's watermark with an event far ahead (up to
+# now + 780 s, i.e. a watermark of now - 2820 s); they keep their own events in time
+# ranges that the others' moves cannot reach (see each test). A second run within ~10
+# minutes on the same `.state` sees the first run's watermarks: `rayline down` and
+# `rm -rf .state` first (CI always starts clean).
+# Enrichment, group-by, a filter transform and quick reloads are on too: they touch only
+# events whose entities are in `dim_devices` or whose type is `debug`.
+STACK_ENV = {
+    "RAYLINE_PIPELINE__ALLOWED_LATENESS_SECONDS": "3600",
+    "RAYLINE_PIPELINE__ENRICHMENT": orjson.dumps(
+        [{"table": "dim_devices", "key": "device", "on": "entity", "columns": ["site"]}]
+    ).decode(),
+    "RAYLINE_PIPELINE__GROUP_BY": '["site"]',
+    "RAYLINE_PIPELINE__TRANSFORMS": orjson.dumps([{"filter": "type != 'debug'"}]).decode(),
+    "RAYLINE_PIPELINE__ENRICHMENT_TTL_SECONDS": "1",
+    "RAYLINE_PIPELINE__RULES_REFRESH_SECONDS": "1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +72,43 @@ def settings() -> Iterator[Settings]:
 def stack(settings: Settings) -> Iterator[Settings]:
     result = rayline("up")
     assert result.returncode == 0, f"rayline up failed:\n{result.stdout}\n{result.stderr}"
+    pg(settings, "CREATE TABLE IF NOT EXISTS dim_devices (device text PRIMARY KEY, site text)")
     yield settings
     rayline("down")
+
+
+def pg(settings: Settings, sql: str, *args: Any) -> Any:
+    """Run one statement in Rayline's PostgreSQL database; return its rows."""
+
+    async def run() -> Any:
+        conn = await asyncpg.connect(settings.postgres.dsn())
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def driver(stack: Settings) -> Iterator[None]:
+    """A Ray driver connected to the stack's cluster, for tests that call actors."""
+    ray.init(address=stack.ray.address, namespace=stack.ray.namespace, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def workers(stack: Settings) -> list[Any]:
+    """Handles of the current epoch's partition workers (needs ``driver``)."""
+    coordinator = ray.get_actor("rayline-coordinator", namespace=stack.ray.namespace)
+    ref: Any = coordinator.status.remote()
+    status: dict[str, Any] = ray.get(ref)
+    return [
+        ray.get_actor(
+            f"rayline-worker-{status['epoch']}-{w['worker']}", namespace=stack.ray.namespace
+        )
+        for w in status["workers"]
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,9 @@
-"""The exactly-once effect under failure: workers SIGKILLed, rescaled 2 -> 3 -> 1 and
-the Kafka broker restarted while a known stream with repeats and late events flows.
-Afterwards the windows equal an offline recomputation of the same events, every late
+"""The exactly-once effect under failure: workers SIGKILLed at the named points of a
+batch (after the snapshot but before the sink writes, after the writes but before the
+offset commit, while the snapshot statement is in flight) and at a random moment,
+rescaled 2 -> 3 -> 1 and the Kafka broker restarted, while a known stream with repeats
+and late events flows. Afterwards the windows equal an offline recomputation of the
+same events with Polars, the raw events in ClickHouse are each stored once, every late
 event is in the dead-letter topic, and nothing is counted twice."""
 
 from __future__ import annotations
@@ -9,16 +12,18 @@ import os
 import random
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any
 
 import httpx
 import orjson
+import polars as pl
+import ray
 
 from adapters.kafka import end_offsets
 from cluster.settings import Settings
 from cluster.stack import LocalStack
-from tests.integration.conftest import eventually, rayline, read_from
+from tests.integration.conftest import eventually, rayline, read_from, workers
 
 
 def post_until_accepted(http: httpx.Client, events: list[dict[str, Any]]) -> None:
@@ -45,13 +50,26 @@ def sigkill_a_worker(rng: random.Random) -> None:
     os.kill(rng.choice(worker_pids()), signal.SIGKILL)
 
 
+def crash_at(stack: Settings, point: str) -> None:
+    """Arm every worker to SIGKILL itself at ``point`` of its next batch."""
+    for handle in workers(stack):
+        for _ in range(60):  # a worker killed a moment ago is still restarting
+            try:
+                ray.get(handle.arm_crash.remote(point), timeout=10)
+                break
+            except (ray.exceptions.RayError, TimeoutError):
+                time.sleep(0.5)
+        else:
+            raise AssertionError(f"could not arm a worker for {point}")
+
+
 def scale(count: int) -> None:
     result = rayline("scale", "workers", str(count))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_failures_neither_lose_nor_double_count(
-    http: httpx.Client, stack: Settings, tenant: str
+    http: httpx.Client, stack: Settings, tenant: str, driver: None
 ) -> None:
     rng = random.Random(2026)
     now = int(time.time()) // 60 * 60
@@ -86,9 +104,11 @@ def test_failures_neither_lose_nor_double_count(
     dlq_before = end_offsets(stack.kafka.bootstrap, stack.kafka.dlq_topic)
 
     faults = {
+        0: lambda: crash_at(stack, "before_sink"),
         1: lambda: sigkill_a_worker(rng),
+        2: lambda: crash_at(stack, "during_snapshot"),
         3: lambda: scale(3),
-        4: lambda: sigkill_a_worker(rng),
+        4: lambda: crash_at(stack, "after_sink"),
         5: lambda: LocalStack(stack).restart("kafka"),
         7: lambda: scale(1),
         8: lambda: sigkill_a_worker(rng),
@@ -99,28 +119,45 @@ def test_failures_neither_lose_nor_double_count(
             faults[n]()
     scale(stack.pipeline.workers)
 
-    # The offline recomputation: first sighting of each id, by minute.
-    expected: dict[int, list[float]] = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        minute = e["ts"] - e["ts"] % 60
-        expected[minute][0] += 1
-        expected[minute][1] += e["value"]
-    want = [[m, c, s] for m, (c, s) in sorted(expected.items())]
+    # The offline recomputation, with Polars over the events as produced: the first
+    # sighting of each id counts (repeats are copies), late events count nowhere.
+    produced = pl.DataFrame(events + repeats).unique(subset="event_id", keep="first")
+    per_minute = (
+        produced.with_columns(minute=pl.col("ts") - pl.col("ts") % 60)
+        .group_by("minute")
+        .agg(pl.len().alias("count"), pl.col("value").sum().cast(pl.Float64).alias("sum"))
+        .sort("minute")
+    )
+    want = [[m, c, s] for m, c, s in per_minute.select("minute", "count", "sum").iter_rows()]
+    distinct = dict(
+        produced.with_columns(minute=pl.col("ts") - pl.col("ts") % 60)
+        .group_by("minute")
+        .agg(pl.col("entity").n_unique())
+        .iter_rows()
+    )
 
     def windows() -> list[list[Any]]:
         answer = http.get(
             "/v1/metrics/order", params={"tenant": tenant, "from": base - 60, "to": base + 3600}
         )
         assert answer.status_code == 200, answer.text
-        return [
-            [int(w_start), w["count"], w["sum"]]
-            for w in answer.json()["windows"]
-            for w_start in [_epoch(w["start"])]
-        ]
+        rows = answer.json()["windows"]
+        seen_distinct.update({int(_epoch(w["start"])): w["distinct"] for w in rows})
+        return [[int(_epoch(w["start"])), w["count"], w["sum"]] for w in rows]
 
+    seen_distinct: dict[int, int] = {}
     got = eventually(windows, lambda rows: sum(r[1] for r in rows) >= len(events), timeout=240)
     time.sleep(3)
     assert windows() == got == want
+    # Distinct entities per minute (HyperLogLog, merged over partitions): near exact here.
+    assert all(abs(seen_distinct[m] - n) <= 1 for m, n in distinct.items()), (
+        seen_distinct,
+        distinct,
+    )
+    # Raw events: each counted event stored once in ClickHouse.
+    owner = ray.get_actor("rayline-clickhouse", namespace=stack.ray.namespace)
+    ref: Any = owner.raw_event_stats.remote(tenant)
+    assert ray.get(ref) == {"rows": len(events), "distinct_ids": len(events)}
 
     # A crash may send a dead letter twice: read past the count, then compare as sets.
     letters = read_from(stack, stack.kafka.dlq_topic, dlq_before, 2 * len(late), timeout=20)

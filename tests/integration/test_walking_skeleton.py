@@ -203,23 +203,27 @@ def test_a_record_no_envelope_goes_to_the_dlq_and_the_worker_goes_on(
     dlq_before = end_offsets(k.bootstrap, k.dlq_topic)
     raw_before = raw_offsets(stack)
     producer = Producer({"bootstrap.servers": k.bootstrap})
-    producer.produce(k.raw_topic, b"\x00not json{", b"hostile", partition=3)
+    producer.produce(k.raw_topic, b"not json{\x00", b"hostile", partition=3)
     producer.produce(
         k.raw_topic, orjson.dumps({"event_id": "h", "tenant": tenant, "type": "x"}), partition=3
     )
+    # Avro in the Confluent wire format, naming a schema id nobody registered
+    producer.produce(k.raw_topic, b"\x00\x00\x0f\x42\x40\x02ab", partition=3)
     assert producer.flush(10) == 0
 
-    records = read_from(stack, k.dlq_topic, dlq_before, 2)
-    assert len(records) == 2
+    records = read_from(stack, k.dlq_topic, dlq_before, 3)
+    assert len(records) == 3
     reasons = [dict(r.headers()) for r in records]
     assert reasons[0]["reason"].startswith(b"not JSON")
     assert b"'ts'" in reasons[1]["reason"]
-    for headers, offset in zip(reasons, (raw_before[3], raw_before[3] + 1), strict=True):
+    assert b"unknown schema id 1000000" in reasons[2]["reason"]
+    offsets = [raw_before[3] + i for i in range(3)]
+    for headers, offset in zip(reasons, offsets, strict=True):
         assert headers["stage"] == b"process"
         assert headers["origin.topic"] == k.raw_topic.encode()
         assert headers["origin.partition"] == b"3"
         assert headers["origin.offset"] == str(offset).encode()
-    assert records[0].value() == b"\x00not json{"
+    assert records[0].value() == b"not json{\x00"
 
     answer = http.post("/v1/events", json=[event(tenant, 1, "click", at(0), 5)])
     assert answer.status_code == 202

@@ -1,0 +1,346 @@
+"""One consumed batch, all of its partitions, in one columnar pass.
+
+A worker's consumer hands back records of several partitions at once. Splitting them
+per partition first would pay every fixed cost (a JSON parse, a hash aggregation)
+once per partition; instead this module decodes the whole batch into one Arrow table
+with the partition as a column, and runs each stage over the whole table:
+
+1. decode JSON (one Arrow parse) or, when any record is not a clean envelope, record
+   by record (JSON or Avro in the Confluent wire format), rejecting the bad ones with
+   their reason;
+2. check records against the schema registered for their (source, type);
+3. apply the transforms declared in the settings (rename, cast, derive, filter);
+4. enrich from the dimension tables (a vectorised lookup);
+5. per partition, drop duplicates (the partition's dedup filter) and set aside late
+   records (the partition's watermark before this batch);
+6. aggregate per (partition, group, window start) and fold the partials into each
+   partition's open windows; session windows fold record by record;
+7. feed the records the CEP rules look at to each partition's CEP engine.
+
+Then each partition's watermark advances, windows close, and CEP rules that wait on
+the watermark fire. Everything a partition decides lands in its own
+:class:`~core.partition_state.BatchOutcome`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core.avro import subject_for
+from core.cep import Rule
+from core.columnar import (
+    NO_WATERMARK,
+    decode_json,
+    decode_record,
+    group_ids,
+    late_mask,
+    table_from_events,
+    window_partials,
+)
+from core.event_time import Hopping, Session, Tumbling
+from core.sketches import hash64
+from core.transforms import apply_transforms, enrich
+
+if TYPE_CHECKING:
+    from core.partition_state import BatchOutcome, PartitionState, RecordRef
+
+Validator = Callable[[Mapping[str, Any]], list[str]]
+
+
+@dataclass
+class Runtime:
+    """Inputs of a batch that change while the pipeline runs; the worker keeps them current.
+
+    Attributes:
+        dimensions: the current table of each enrichment dimension, by table name.
+        avro: decodes one Avro record in the Confluent wire format into an envelope.
+        validator: the check of the schema registered for a subject, or None.
+        rules: the CEP rules in force.
+        rules_version: changes whenever ``rules`` does (a hot reload).
+    """
+
+    dimensions: Mapping[str, pa.Table] = field(default_factory=dict)
+    avro: Callable[[bytes], dict[str, Any]] | None = None
+    validator: Callable[[str], Validator | None] = lambda _subject: None
+    rules: Sequence[Rule] = ()
+    rules_version: int = 0
+
+
+_ENVELOPE_COLUMNS = ["event_id", "source", "tenant", "type", "ts", "value", "entity"]
+
+
+def process_batch(
+    states: Mapping[int, PartitionState],
+    records: Mapping[int, Sequence[RecordRef]],
+    wall_ms: int,
+    runtime: Runtime,
+) -> tuple[dict[int, BatchOutcome], pa.Table | None]:
+    """Fold each partition's records (in offset order) into its state; see the module.
+
+    Returns:
+        Each partition's outcome, and the envelope columns of the records that counted
+        (with ``_row``, their index in the batch, and ``_partition``), for the raw-event
+        sink; None when the batch was empty.
+    """
+    from core.partition_state import BatchOutcome
+
+    outcomes = {p: BatchOutcome() for p in states}
+    refs: list[RecordRef] = []
+    parts: list[int] = []
+    for partition, batch in records.items():
+        refs.extend(batch)
+        parts.extend([partition] * len(batch))
+    for state in states.values():
+        state.sync_rules(runtime)
+    counted = None
+    if refs:
+        config = next(iter(states.values())).config
+        table = _decode(refs, parts, config.layout, runtime, outcomes)
+        table = _check_schemas(table, refs, runtime, outcomes)
+        _observe(states, table, wall_ms)
+        on_time = _fold(states, table, refs, runtime, outcomes)
+        counted = table.select([*_ENVELOPE_COLUMNS, "_row", "_partition"])
+        counted = counted.filter(pc.is_in(counted["_row"], on_time["_row"]))
+    for partition, batch in records.items():
+        if batch:
+            states[partition].next_offset = batch[-1].offset + 1
+    for partition, state in states.items():
+        closed, alerts = state.tick(wall_ms)
+        outcomes[partition].closed = closed
+        outcomes[partition].alerts.extend(alerts)
+    return outcomes, counted
+
+
+def _decode(
+    refs: Sequence[RecordRef],
+    parts: Sequence[int],
+    layout: Any,
+    runtime: Runtime,
+    outcomes: dict[int, BatchOutcome],
+) -> pa.Table:
+    table = decode_json([r.value for r in refs], layout)
+    if table is not None:
+        row_index = np.arange(len(refs), dtype=np.int64)
+    else:
+        rows, kept = [], []
+        for i, ref in enumerate(refs):
+            row, reason = decode_record(ref.value, layout, runtime.avro)
+            if row is None:
+                outcomes[parts[i]].rejected.append((ref, reason))
+            else:
+                rows.append(row)
+                kept.append(i)
+        table = table_from_events(rows, layout)
+        row_index = np.asarray(kept, dtype=np.int64)
+    partition = np.asarray(parts, dtype=np.int64)[row_index]
+    table = table.append_column("_row", pa.array(row_index))
+    return table.append_column("_partition", pa.array(partition))
+
+
+def _check_schemas(
+    table: pa.Table, refs: Sequence[RecordRef], runtime: Runtime, outcomes: dict[int, BatchOutcome]
+) -> pa.Table:
+    """Reject records that break the schema registered for their (source, type)."""
+    if not table.num_rows:
+        return table
+    pairs = table.select(["source", "type"]).group_by(["source", "type"]).aggregate([])
+    checked = {
+        (s, t): v
+        for s, t in zip(pairs["source"].to_pylist(), pairs["type"].to_pylist(), strict=True)
+        if s and t and (v := runtime.validator(subject_for(s, t))) is not None
+    }
+    if not checked:
+        return table
+    import orjson
+
+    keep = np.ones(table.num_rows, dtype=bool)
+    rows = table.select(["source", "type", "_row", "_partition"]).to_pylist()
+    for i, row in enumerate(rows):
+        check = checked.get((row["source"], row["type"]))
+        if check is None:
+            continue
+        ref = refs[row["_row"]]
+        value = ref.value or b""
+        if value[:1] != b"{":
+            continue  # an Avro record was decoded with its own registered schema
+        problems = check(orjson.loads(value))
+        if problems:
+            subject = subject_for(row["source"], row["type"])
+            reason = f"schema '{subject}': " + "; ".join(problems)
+            outcomes[row["_partition"]].rejected.append((ref, reason))
+            keep[i] = False
+    return table.filter(pa.array(keep))
+
+
+def _observe(states: Mapping[int, PartitionState], table: pa.Table, wall_ms: int) -> None:
+    """Remember each partition's watermark before the batch, then let it see the batch."""
+    for state in states.values():
+        state.mark_before = state.watermark.current(wall_ms)
+    if not table.num_rows:
+        return
+    maxima = table.group_by("_partition").aggregate([("ts", "max")])
+    for p, ts in zip(maxima["_partition"].to_pylist(), maxima["ts_max"].to_pylist(), strict=True):
+        states[p].watermark.observe(int(ts), wall_ms)
+
+
+def _fold(
+    states: Mapping[int, PartitionState],
+    table: pa.Table,
+    refs: Sequence[RecordRef],
+    runtime: Runtime,
+    outcomes: dict[int, BatchOutcome],
+) -> pa.Table:
+    config = next(iter(states.values())).config
+    if config.transforms and table.num_rows:
+        done = apply_transforms(table, config.transforms)
+        row_of = table["_row"].to_numpy()
+        part_of = table["_partition"].to_numpy()
+        for i, reason in sorted(done.failed.items()):
+            outcomes[int(part_of[i])].rejected.append((refs[int(row_of[i])], reason))
+        dropped = ~done.kept
+        dropped[list(done.failed)] = False
+        for p in part_of[dropped].tolist():
+            outcomes[int(p)].filtered += 1
+        table = done.table
+    for spec in config.enrichment:
+        dim = runtime.dimensions.get(spec.table)
+        if dim is None:  # not loaded (yet): every lookup misses
+            names = [spec.key, *spec.columns]
+            dim = pa.table({name: pa.array([], pa.string()) for name in names})
+        table, _misses = enrich(table, dim, spec)
+    on_time = _split(states, table, refs, outcomes)
+    _aggregate(states, on_time, outcomes)
+    _feed_rules(states, on_time)
+    return on_time
+
+
+def _split(
+    states: Mapping[int, PartitionState],
+    table: pa.Table,
+    refs: Sequence[RecordRef],
+    outcomes: dict[int, BatchOutcome],
+) -> pa.Table:
+    """Drop duplicates and set aside late records; return the rows that count."""
+    if not table.num_rows:
+        return table
+    part = table["_partition"].to_numpy()
+    ts = table["ts"].to_numpy()
+    rows = table["_row"].to_numpy()
+    keys = pc.binary_join_element_wise(
+        table["tenant"], pc.fill_null(table["source"], ""), table["event_id"], "\x1f"
+    ).to_pylist()
+    fresh = np.zeros(len(part), dtype=bool)
+    marks = np.full(len(part), NO_WATERMARK, dtype=np.int64)
+    for p in np.unique(part).tolist():
+        idx = np.flatnonzero(part == p)
+        state = states[p]
+        offsets = [refs[i].offset for i in rows[idx].tolist()]
+        mask = state.dedup.split_keys([keys[i] for i in idx.tolist()], ts[idx].tolist(), offsets)
+        fresh[idx] = mask
+        outcomes[p].duplicates += len(idx) - sum(mask)
+        if state.mark_before is not None:
+            marks[idx] = state.mark_before
+    late = np.zeros(len(part), dtype=bool)
+    for op in next(iter(states.values())).operators.values():
+        if isinstance(op.spec, Session):
+            late |= ts + op.spec.gap_ms <= marks
+        else:
+            late |= late_mask(ts, op.spec, marks)
+    late &= fresh
+    for i in np.flatnonzero(late).tolist():
+        outcomes[int(part[i])].late.append(refs[int(rows[i])])
+    keep = fresh & ~late
+    for p, n in zip(*np.unique(part[keep], return_counts=True), strict=True):
+        outcomes[int(p)].processed += int(n)
+    on_time = table.filter(pa.array(keep))
+    return on_time.append_column("_mark", pa.array(marks[keep]))
+
+
+def _aggregate(
+    states: Mapping[int, PartitionState], table: pa.Table, outcomes: dict[int, BatchOutcome]
+) -> None:
+    if not table.num_rows:
+        return
+    config = next(iter(states.values())).config
+    key_columns = ["_partition", "tenant", "type", *config.group_by]
+    for name in key_columns:
+        if name not in table.column_names:
+            raise ValueError(
+                f"group_by column {name!r} is not in the batch; columns are "
+                f"{sorted(table.column_names)} (declare attributes or an enrichment)"
+            )
+    group = group_ids([table[name] for name in key_columns])
+    ts = table["ts"].to_numpy()
+    values = table["value"].to_numpy()
+    marks = table["_mark"].to_numpy()
+    distinct = None
+    if config.distinct is not None:
+        column = table[config.distinct].combine_chunks()
+        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        hashes = np.zeros(len(column), dtype=np.uint64)
+        hashes[valid] = hash64(column.filter(column.is_valid()))
+        distinct = (hashes, valid)
+    for name, op in next(iter(states.values())).operators.items():
+        if isinstance(op.spec, Session):
+            keys = [table[column].to_pylist() for column in key_columns]
+            _fold_sessions(states, table, name, keys)
+            continue
+        spec: Tumbling | Hopping = op.spec
+        partials = window_partials(group, ts, values, marks, spec, distinct, config.quantiles)
+        rows = pa.array([p.row for p in partials], pa.int64())
+        for partial, key in zip(
+            partials, table.select(key_columns).take(rows).to_pylist(), strict=True
+        ):
+            values_of = [key[column] for column in key_columns]
+            state = states[int(values_of[0])]
+            state.operators[name].merge_partial(
+                tuple(_text(v) for v in values_of[1:]), partial.start, partial.agg
+            )
+
+
+def _fold_sessions(
+    states: Mapping[int, PartitionState], table: pa.Table, name: str, keys: list[list[Any]]
+) -> None:
+    """Session windows merge per event: the one stage that stays per record."""
+    rows = table.select(["ts", "value", "_mark"]).to_pylist()
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for i, row in enumerate(rows):
+        row["_group"] = tuple(_text(column[i]) for column in keys[1:])
+        by_partition.setdefault(int(keys[0][i]), []).append(row)
+    for partition, events in by_partition.items():
+        mark = states[partition].mark_before
+        states[partition].operators[name].add(events, lambda e: e["_group"], mark)
+
+
+def _feed_rules(states: Mapping[int, PartitionState], table: pa.Table) -> None:
+    """Hand each partition's CEP engine the events its rules look at (they match when
+    the watermark makes them final, in :meth:`PartitionState.tick`)."""
+    first = next(iter(states.values()))
+    types = first.cep.types
+    if not types or not table.num_rows:
+        return
+    wanted = table.filter(pc.is_in(table["type"], pa.array(sorted(types), pa.string())))
+    if not wanted.num_rows:
+        return
+    columns = ["event_id", "tenant", "type", "ts", "value", "_partition"]
+    columns += sorted(k for k in first.cep.key_fields() if k in wanted.column_names)
+    by_partition: dict[int, list[dict[str, Any]]] = {}
+    for event in wanted.select(list(dict.fromkeys(columns))).to_pylist():
+        by_partition.setdefault(event["_partition"], []).append(event)
+    for partition, events in by_partition.items():
+        states[partition].cep.on_events(events)
+
+
+def _text(value: Any) -> str:
+    """A group key's value as text: a stable key for the sinks (null becomes '')."""
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
