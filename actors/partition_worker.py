@@ -458,7 +458,11 @@ class PartitionWorker:
             return
         with self._lock:
             windows = {
-                p: self._states[p].open_windows() for p in partitions if p in self._states
+                # count, sum, min, max, avg: merging every hopping window's sketches
+                # after each batch would cost more than the batch itself
+                p: self._states[p].open_windows(sketches=False)
+                for p in partitions
+                if p in self._states
             }
         try:
             tiles.write(windows)
@@ -599,9 +603,7 @@ def counted_offsets(
         return {}
     flat = [r for batch in records.values() for r in batch]
     out: dict[int, set[int]] = defaultdict(set)
-    for row, p in zip(
-        counted["_row"].to_pylist(), counted["_partition"].to_pylist(), strict=True
-    ):
+    for row, p in zip(counted["_row"].to_pylist(), counted["_partition"].to_pylist(), strict=True):
         out[p].add(flat[row].offset)
     return out
 

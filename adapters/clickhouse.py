@@ -152,51 +152,36 @@ class ClickHouseStore:
 
     def insert_window_results(self, results: Sequence[WindowResult]) -> int:
         """Store closed windows; a window stored again replaces its earlier row."""
-        rows = [
-            [
-                r.window,
-                r.tenant,
-                r.type,
-                _utc(r.start),
-                _utc(r.end),
-                r.partition,
-                r.group_key,
-                dict(r.dims),
-                r.count,
-                r.sum,
-                r.min,
-                r.max,
-                r.distinct or "",
-                r.quantiles or "",
-            ]
-            for r in results
-        ]
-        if not rows:
+        if not results:
             return 0
+        ms = pa.timestamp("ms", "UTC")
+        table = pa.table(
+            {
+                "window": pa.array([r.window for r in results], pa.string()),
+                "tenant": pa.array([r.tenant for r in results], pa.string()),
+                "type": pa.array([r.type for r in results], pa.string()),
+                "window_start": pa.array([r.start for r in results], pa.int64()).cast(ms),
+                "window_end": pa.array([r.end for r in results], pa.int64()).cast(ms),
+                "partition": pa.array([r.partition for r in results], pa.uint16()),
+                "group_key": pa.array([r.group_key for r in results], pa.string()),
+                "dims": pa.array(
+                    [list(r.dims) for r in results], pa.map_(pa.string(), pa.string())
+                ),
+                "count": pa.array([r.count for r in results], pa.uint64()),
+                "sum": pa.array([r.sum for r in results], pa.float64()),
+                "min": pa.array([r.min for r in results], pa.float64()),
+                "max": pa.array([r.max for r in results], pa.float64()),
+                "distinct_sketch": pa.array([r.distinct or "" for r in results], pa.string()),
+                "quantile_sketch": pa.array([r.quantiles or "" for r in results], pa.string()),
+            }
+        )
         try:
-            self._client.insert(
-                f"{self._database}.window_results",
-                rows,
-                column_names=[
-                    "window",
-                    "tenant",
-                    "type",
-                    "window_start",
-                    "window_end",
-                    "partition",
-                    "group_key",
-                    "dims",
-                    "count",
-                    "sum",
-                    "min",
-                    "max",
-                    "distinct_sketch",
-                    "quantile_sketch",
-                ],
-            )
+            self._client.insert_arrow(f"{self._database}.window_results", table)
         except ClickHouseError as exc:
-            raise StoreUnavailable(f"ClickHouse rejected {len(rows)} window rows: {exc}") from exc
-        return len(rows)
+            raise StoreUnavailable(
+                f"ClickHouse rejected {len(results)} window rows: {exc}"
+            ) from exc
+        return len(results)
 
     def insert_events(self, table: pa.Table) -> int:
         """Store raw events (columns as in the ``events`` table); a replay replaces rows."""

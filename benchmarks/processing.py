@@ -56,6 +56,7 @@ from core.transforms import parse_enrichment
 
 PARTITIONS = 8
 DIMENSION = "bench_devices"
+SITES = 4  # the group-by column from the enrichment: 3 tenants x 5 types x 4 sites
 
 
 def produce(bootstrap: str, topic: str, events: int, entities: int) -> float:
@@ -114,9 +115,12 @@ def raw_consume(bootstrap: str, topic: str, events: int) -> float:
     return elapsed
 
 
-def bench_config(settings: Any) -> Any:
-    """The worker's processing settings plus the benchmark's enrichment and group-by."""
+def bench_config(settings: Any, sketches: bool = True) -> Any:
+    """The worker's processing settings plus the benchmark's enrichment and group-by;
+    without ``sketches``, no distinct counts and no quantiles."""
     config = processing_config(settings)
+    if not sketches:
+        config = replace(config, distinct=None, quantiles=False)
     device_site = parse_enrichment(
         {"table": DIMENSION, "key": "device", "on": "entity", "columns": ["site"]}
     )
@@ -135,7 +139,7 @@ def seed_dimension(settings: Any, entities: int) -> None:
         await conn.execute(f"CREATE TABLE {DIMENSION} (device text PRIMARY KEY, site text)")
         await conn.copy_records_to_table(
             DIMENSION,
-            records=[(f"device-{i}", f"site-{i % 40}") for i in range(entities)],
+            records=[(f"device-{i}", f"site-{i % SITES}") for i in range(entities)],
         )
         await conn.close()
 
@@ -146,8 +150,10 @@ class BenchPipeline:
     """The worker's loop minus Ray: one columnar pass per consumed batch, snapshots with
     their outbox in PostgreSQL, raw events and closed windows to ClickHouse."""
 
-    def __init__(self, settings: Any, topic: str, clickhouse_dir: str) -> None:
-        config = bench_config(settings)
+    def __init__(
+        self, settings: Any, topic: str, clickhouse_dir: str, sketches: bool = True
+    ) -> None:
+        config = bench_config(settings, sketches)
         self.topic = topic
         self.batch = settings.pipeline.batch_max_records
         self.states = {p: PartitionState(p, config) for p in range(PARTITIONS)}
@@ -160,6 +166,7 @@ class BenchPipeline:
         self.consumer = make_consumer(settings.kafka.bootstrap, f"bench-pipe-{uuid.uuid4()}")
         self.consumer.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
         self.rows = self.raw_rows = 0
+        self.counts = {"processed": 0, "duplicates": 0, "late": 0, "rejected": 0}
 
     def step(self, timeout: float = 1.0) -> np.ndarray:
         """One batch; returns each record's Kafka timestamp (ms)."""
@@ -172,6 +179,11 @@ class BenchPipeline:
                 stamps.append(m.timestamp()[1])
         wall_ms = int(time.time() * 1000)
         outcomes, counted = process_batch(self.states, records, wall_ms, self.runtime)
+        for o in outcomes.values():
+            self.counts["processed"] += o.processed
+            self.counts["duplicates"] += o.duplicates
+            self.counts["late"] += len(o.late)
+            self.counts["rejected"] += len(o.rejected)
         offsets = counted_offsets(counted, records)
         snapshots = {}
         for partition, outcome in outcomes.items():
@@ -200,8 +212,10 @@ class BenchPipeline:
         self.store.close()
 
 
-def throughput(settings: Any, topic: str, events: int, folder: str) -> dict[str, float]:
-    pipe = BenchPipeline(settings, topic, folder)
+def throughput(
+    settings: Any, topic: str, events: int, folder: str, sketches: bool = True
+) -> dict[str, float]:
+    pipe = BenchPipeline(settings, topic, folder, sketches)
     seen = 0
     began = time.perf_counter()
     while seen < events:
@@ -209,7 +223,7 @@ def throughput(settings: Any, topic: str, events: int, folder: str) -> dict[str,
     pipe.finish()
     elapsed = time.perf_counter() - began
     pipe.close()
-    return {"seconds": elapsed, "rows": pipe.rows, "raw_rows": pipe.raw_rows}
+    return {"seconds": elapsed, "rows": pipe.rows, "raw_rows": pipe.raw_rows, **pipe.counts}
 
 
 def _produce_at_rate(bootstrap: str, topic: str, rate: int, seconds: float, entities: int) -> None:
@@ -322,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     print("reading it back through the worker's pipeline ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="rayline-bench-") as folder:
         result = throughput(settings, topic, args.events, folder)
+    print("again without distinct counts and quantiles ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="rayline-bench-") as folder:
+        plain = throughput(settings, topic, args.events, folder, sketches=False)
     print(f"offering {args.rate:,} events/s for {args.seconds:.0f} s ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="rayline-bench-") as folder:
         load = offered_load(settings, args.rate, args.seconds, args.entities, folder)
@@ -331,8 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'':38}{'events/s':>12}")
     print(f"{'bare batch consume (reference)':38}{raw_rate:>12,.0f}")
+    plain_rate = args.events / plain["seconds"]
     print(f"{'worker pipeline to ClickHouse':38}{pipe_rate:>12,.0f}")
     print(f"{'ratio pipeline / reference':38}{pipe_rate / raw_rate:>12.2f}")
+    print(f"{'  same, no distinct/quantile sketches':38}{plain_rate:>12,.0f}")
+    print(f"{'  ratio to reference':38}{plain_rate / raw_rate:>12.2f}")
+    print(
+        f"processed {result['processed']:,.0f}, duplicates {result['duplicates']:,.0f}, "
+        f"late {result['late']:,.0f}, rejected {result['rejected']:,.0f}"
+    )
     print(
         f"window rows written: {result['rows']:,.0f}; raw events written: "
         f"{result['raw_rows']:,.0f}; peak RSS of this process: {peak_mb:,.0f} MB"

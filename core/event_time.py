@@ -50,7 +50,7 @@ class Agg:
         self.max = max(self.max, other.max)
         if other.distinct is not None:
             if self.distinct is None:
-                self.distinct = HyperLogLog.from_bytes(other.distinct.to_bytes())
+                self.distinct = other.distinct.copy()
             else:
                 self.distinct.merge(other.distinct)
         if other.quantiles is not None:
@@ -146,6 +146,9 @@ class PartitionWatermark:
     idle_timeout_ms: int
     max_ts: int | None = None
     last_event_wall_ms: int | None = None
+    # The highest watermark handed out: it never goes back, even when events arrive
+    # after an idle spell moved it ahead on the wall clock.
+    floor: int | None = None
 
     def observe(self, max_ts: int, wall_ms: int) -> None:
         if self.max_ts is None or max_ts > self.max_ts:
@@ -159,6 +162,9 @@ class PartitionWatermark:
         mark = self.max_ts - self.allowed_lateness_ms
         if wall_ms - self.last_event_wall_ms >= self.idle_timeout_ms:
             mark = max(mark, wall_ms - self.allowed_lateness_ms)
+        if self.floor is not None and mark < self.floor:
+            return self.floor
+        self.floor = mark
         return mark
 
 
@@ -171,12 +177,27 @@ class _OpenSession:
 
 @dataclass
 class WindowOperator:
-    """Open windows of one partition, keyed by group."""
+    """Open windows of one partition, keyed by group.
+
+    Tumbling and hopping windows are kept as *panes* of one hop (for tumbling windows
+    a pane is the window): an event folds into one pane, and a window is the merge of
+    the panes it spans, made when it closes (or is read live). A hopping window of
+    five hops thus costs one update per event instead of five.
+    """
 
     spec: WindowSpec
+    # (group, pane start) -> aggregate of the pane's events
     _fixed: dict[tuple[Group, int], Agg] = field(default_factory=dict, init=False)
     # group -> its open sessions, sorted by start, each at least one gap from the next
     _sessions: dict[Group, list[_OpenSession]] = field(default_factory=dict, init=False)
+    # Windows ending at or before this watermark have been handed out by close_until.
+    _closed_through: int | None = field(default=None, init=False)
+
+    @property
+    def step_ms(self) -> int:
+        """The pane size: the hop of hopping windows, the size of tumbling ones."""
+        assert not isinstance(self.spec, Session)
+        return self.spec.hop_ms if isinstance(self.spec, Hopping) else self.spec.size_ms
 
     def add(
         self,
@@ -186,29 +207,24 @@ class WindowOperator:
     ) -> list[Mapping[str, Any]]:
         """Fold events into their windows; return the late ones, untouched."""
         late: list[Mapping[str, Any]] = []
-        spec = self.spec
         for event in events:
             ts = event["ts"]
             value = event["value"]
             if self.is_late(ts, watermark):
                 late.append(event)
                 continue
-            if isinstance(spec, Session):
+            if isinstance(self.spec, Session):
                 self._add_to_session(group_of(event), ts, value)
                 continue
-            starts = spec.starts(ts)
-            group = group_of(event)
-            for start in starts:
-                if watermark is not None and start + spec.length_ms <= watermark:
-                    continue  # this window closed already; the event counts in the later ones
-                agg = self._fixed.get((group, start))
-                if agg is None:
-                    agg = self._fixed[(group, start)] = Agg()
-                agg.add(value)
+            key = (group_of(event), ts - ts % self.step_ms)
+            agg = self._fixed.get(key)
+            if agg is None:
+                agg = self._fixed[key] = Agg()
+            agg.add(value)
         return late
 
     def merge_partial(self, group: Group, start: int, partial: Agg) -> None:
-        """Fold a pre-aggregated partial into the fixed window at ``start``."""
+        """Fold a pre-aggregated partial into the pane at ``start``."""
         agg = self._fixed.get((group, start))
         if agg is None:
             if partial.distinct is not None:
@@ -260,14 +276,40 @@ class WindowOperator:
                 else:
                     del self._sessions[group]
         else:
+            since = self._closed_through
+            closed = self._windows(lambda end: end <= watermark and (since is None or end > since))
             length = self.spec.length_ms
             for key in [k for k in self._fixed if k[1] + length <= watermark]:
-                closed.append(ClosedWindow(key[0], key[1], key[1] + length, self._fixed.pop(key)))
+                del self._fixed[key]  # no open window holds this pane any more
+            self._closed_through = watermark if since is None else max(since, watermark)
         closed.sort(key=lambda w: (w.start, repr(w.group)))
         return closed
 
-    def open_windows(self) -> list[ClosedWindow]:
-        """The windows still open, with their partial aggregates (for live views)."""
+    def _windows(
+        self, wanted: Callable[[int], bool], sketches: bool = True
+    ) -> list[ClosedWindow]:
+        """The windows whose end is ``wanted``, each the merge of its panes."""
+        assert not isinstance(self.spec, Session)
+        step, length = self.step_ms, self.spec.length_ms
+        parts: dict[tuple[Group, int], list[tuple[int, Agg]]] = {}
+        for (group, pane), agg in self._fixed.items():
+            for start in range(pane - length + step, pane + 1, step):
+                if wanted(start + length):
+                    parts.setdefault((group, start), []).append((pane, agg))
+        windows = []
+        for (group, start), panes in parts.items():
+            if len(panes) == 1 and sketches:
+                agg = panes[0][1]
+            else:
+                agg = Agg()
+                for _pane, part in sorted(panes, key=lambda p: p[0]):
+                    agg.merge(part if sketches else Agg(part.count, part.sum, part.min, part.max))
+            windows.append(ClosedWindow(group, start, start + length, agg))
+        return windows
+
+    def open_windows(self, sketches: bool = True) -> list[ClosedWindow]:
+        """The windows still open, with their partial aggregates (for live views);
+        without ``sketches``, hopping windows skip merging their sketches (cheaper)."""
         if isinstance(self.spec, Session):
             gap = self.spec.gap_ms
             return [
@@ -275,14 +317,16 @@ class WindowOperator:
                 for g, sessions in self._sessions.items()
                 for s in sessions
             ]
-        length = self.spec.length_ms
-        return [ClosedWindow(g, start, start + length, a) for (g, start), a in self._fixed.items()]
+        since = self._closed_through
+        return self._windows(lambda end: since is None or end > since, sketches)
 
     def __len__(self) -> int:
         return len(self._fixed) + sum(len(s) for s in self._sessions.values())
 
     def snapshot(self) -> dict[str, Any]:
         return {
+            "panes": True,
+            "closed_through": self._closed_through,
             "fixed": [[list(g), start, a.as_list()] for (g, start), a in self._fixed.items()],
             "sessions": [
                 [list(g), s.start, s.last, s.agg.as_list()]
@@ -293,7 +337,14 @@ class WindowOperator:
 
     @classmethod
     def restore(cls, spec: WindowSpec, data: Mapping[str, Any]) -> WindowOperator:
+        if isinstance(spec, Hopping) and not data.get("panes") and data["fixed"]:
+            raise ValueError(
+                "this snapshot keeps hopping windows whole (made before panes); "
+                "drain the pipeline with the version that wrote it, or reset the "
+                "partition checkpoints"
+            )
         op = cls(spec)
+        op._closed_through = data.get("closed_through")
         for group, start, agg in data["fixed"]:
             op._fixed[(tuple(group), start)] = Agg.from_list(agg)
         for group, start, last, agg in data["sessions"]:

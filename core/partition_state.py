@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.batch import Runtime, process_batch
 from core.cep import CepEngine, Match
@@ -30,6 +30,7 @@ from core.columnar import Layout, decode_record
 from core.dedup import DedupFilter
 from core.event_time import (
     ClosedWindow,
+    Group,
     Hopping,
     PartitionWatermark,
     Session,
@@ -88,9 +89,21 @@ class WindowResult:
         return "\x1f".join(f"{name}={value}" for name, value in self.dims)
 
     def to_row(self) -> list[Any]:
-        row = list(astuple(self))
-        row[10] = [list(pair) for pair in self.dims]
-        return row
+        return [
+            self.window,
+            self.partition,
+            self.tenant,
+            self.type,
+            self.start,
+            self.end,
+            self.count,
+            self.sum,
+            self.min,
+            self.max,
+            [list(pair) for pair in self.dims],
+            self.distinct,
+            self.quantiles,
+        ]
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> WindowResult:
@@ -110,9 +123,12 @@ class WindowResult:
         return DDSketch.from_bytes(base64.b64decode(self.quantiles)).quantile(q)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordRef:
-    """Where a record came from, and its bytes, for the dead-letter topic."""
+class RecordRef(NamedTuple):
+    """Where a record came from, and its bytes, for the dead-letter topic.
+
+    A named tuple: the worker makes one per consumed record, and a tuple is several
+    times cheaper to build than a frozen dataclass.
+    """
 
     offset: int
     key: bytes | None
@@ -218,9 +234,13 @@ class PartitionState:
             None if a.quantiles is None else base64.b64encode(a.quantiles.to_bytes()).decode(),
         )
 
-    def open_windows(self) -> list[WindowResult]:
+    def open_windows(self, sketches: bool = True) -> list[WindowResult]:
+        """The open windows' partial results; without ``sketches`` (cheaper), no
+        distinct counts or quantiles."""
         return [
-            self._result(name, w) for name, op in self.operators.items() for w in op.open_windows()
+            self._result(name, w)
+            for name, op in self.operators.items()
+            for w in op.open_windows(sketches)
         ]
 
     # Snapshots -----------------------------------------------------------------
@@ -255,7 +275,7 @@ class PartitionState:
             "partition": self.partition,
             "next_offset": self.next_offset,
             "dedup_from": self.dedup_rebuild_from(),
-            "watermark": [mark.max_ts, mark.last_event_wall_ms],
+            "watermark": [mark.max_ts, mark.last_event_wall_ms, mark.floor],
             "windows": {name: op.snapshot() for name, op in self.operators.items()},
             "group_by": list(self.config.group_by),
             "cep": self.cep.snapshot(),
@@ -266,7 +286,9 @@ class PartitionState:
         cls, config: ProcessingConfig, data: Mapping[str, Any], runtime: Runtime | None = None
     ) -> PartitionState:
         state = cls(data["partition"], config, data["next_offset"])
-        state.watermark.max_ts, state.watermark.last_event_wall_ms = data["watermark"]
+        max_ts, last_wall, *floor = data["watermark"]
+        state.watermark.max_ts, state.watermark.last_event_wall_ms = max_ts, last_wall
+        state.watermark.floor = floor[0] if floor else None
         saved_by = tuple(data.get("group_by", ()))
         for w in config.windows:
             if w.name in data["windows"]:
@@ -288,16 +310,17 @@ def _regrouped(
     under ``before`` (the settings changed): columns new to the group-by are empty for
     the windows opened before, and groups that only dropped columns differ in merge."""
     out = WindowOperator(op.spec)
-    for closed in op.open_windows():
-        tenant, type_, *dims = closed.group
+    out._closed_through = op._closed_through
+
+    def regroup(group: Group) -> Group:
+        tenant, type_, *dims = group
         values = dict(zip(before, dims, strict=False))
-        group = (tenant, type_, *(values.get(name, "") for name in after))
-        if isinstance(op.spec, Session):
-            out._sessions.setdefault(group, []).extend(
-                s for s in op._sessions.get(closed.group, []) if s.start == closed.start
-            )
-        else:
-            out.merge_partial(group, closed.start, closed.agg)
+        return (tenant, type_, *(values.get(name, "") for name in after))
+
+    for (group, pane), agg in op._fixed.items():
+        out.merge_partial(regroup(group), pane, agg)
+    for group, sessions in op._sessions.items():
+        out._sessions.setdefault(regroup(group), []).extend(sessions)
     return out
 
 

@@ -69,9 +69,24 @@ def test_an_event_whose_windows_closed_is_returned_as_late() -> None:
 
 def test_hopping_late_event_still_counts_in_its_open_windows() -> None:
     op = WindowOperator(Hopping(2 * MIN, MIN))
+    assert op.close_until(2 * MIN) == []  # windows ending by 120 s are closed
     # ts 90 s lies in [0,120) and [60,180); at watermark 120 s only the second is open.
     assert op.add([ev(90 * S)], by_key, watermark=2 * MIN) == []
     assert [(w.start, w.end) for w in op.open_windows()] == [(MIN, 3 * MIN)]
+    assert [(w.start, w.agg.count) for w in op.close_until(3 * MIN)] == [(MIN, 1)]
+
+
+def test_hopping_windows_merge_their_panes_and_panes_leave_when_unused() -> None:
+    op = WindowOperator(Hopping(3 * MIN, MIN))
+    op.add([ev(10 * S, value=1), ev(70 * S, value=2), ev(130 * S, value=4)], by_key, None)
+    assert len(op) == 3  # one pane per minute, not one entry per window
+    spans = {(w.start // MIN, w.agg.count, w.agg.sum) for w in op.open_windows()}
+    assert spans == {(-2, 1, 1.0), (-1, 2, 3.0), (0, 3, 7.0), (1, 2, 6.0), (2, 1, 4.0)}
+    got = [(w.start // MIN, w.agg.sum) for w in op.close_until(3 * MIN)]
+    assert got == [(-2, 1.0), (-1, 3.0), (0, 7.0)]
+    assert len(op) == 2  # the first pane is in no open window any more
+    assert [(w.start // MIN, w.agg.sum) for w in op.close_until(10 * MIN)] == [(1, 6.0), (2, 4.0)]
+    assert len(op) == 0
 
 
 def test_sessions_merge_within_the_gap_and_close_after_it() -> None:
@@ -151,3 +166,12 @@ def test_with_a_watermark_nothing_is_lost(batch: list[dict[str, Any]], watermark
     counted = sum(w.agg.count for w in op.close_until(10**12))
     assert counted + len(late) == len(batch)
     assert all(e["ts"] - e["ts"] % MIN + MIN <= watermark for e in late)
+
+
+def test_the_watermark_never_goes_back_after_an_idle_spell() -> None:
+    mark = PartitionWatermark(allowed_lateness_ms=5 * S, idle_timeout_ms=10 * S)
+    mark.observe(100 * S, wall_ms=0)
+    assert mark.current(wall_ms=1 * S) == 95 * S
+    assert mark.current(wall_ms=1000 * S) == 995 * S  # idle: follows the wall clock
+    mark.observe(200 * S, wall_ms=1001 * S)  # an event far behind the wall clock
+    assert mark.current(wall_ms=1002 * S) == 995 * S  # held, not back to 195 s
