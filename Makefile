@@ -49,7 +49,7 @@ integration: setup  ## tests against the real local stack (started and stopped h
 
 test: lint unit integration  ## everything CI runs
 
-bench: setup  ## processing throughput next to a bare Kafka consumer (stack started and stopped)
+bench: setup  ## throughput next to a bare Kafka consumer, latency and memory under load (stack started and stopped)
 	$(BIN)/rayline up >/dev/null
 	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000}; status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
 

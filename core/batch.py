@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -157,8 +158,6 @@ def _check_schemas(
     }
     if not checked:
         return table
-    import orjson
-
     keep = np.ones(table.num_rows, dtype=bool)
     rows = table.select(["source", "type", "_row", "_partition"]).to_pylist()
     for i, row in enumerate(rows):

@@ -1,9 +1,11 @@
 """Everything one partition remembers between micro-batches, and how a batch changes it.
 
-:class:`PartitionState` takes the raw records of one partition in offset order and
-turns them into: window results that closed, records rejected (with the reason),
-late records and a count of duplicates. It holds the dedup filter, the watermark and
-the open windows of every declared window kind, and it snapshots to plain data.
+:class:`PartitionState` holds what one partition remembers: the dedup filter, the
+watermark, the open windows (panes) of every declared window kind and the CEP
+engine's state; it snapshots to plain data. A batch is folded into it by
+:func:`core.batch.process_batch` (several partitions at once, column-wise), which
+gives each partition a :class:`BatchOutcome`: the windows that closed, the records
+rejected (with the reason), the late records, the CEP matches and the counts.
 
 The worker around it follows *snapshot before effect*: it saves the snapshot of the
 state after a batch, together with that batch's outcome (the outbox), before it
