@@ -214,7 +214,7 @@ def _fold(
             dim = pa.table({name: pa.array([], pa.string()) for name in names})
         table, _misses = enrich(table, dim, spec)
     on_time = _split(states, table, refs, outcomes)
-    _aggregate(states, on_time, outcomes)
+    _aggregate(states, on_time)
     _feed_rules(states, on_time)
     return on_time
 
@@ -261,9 +261,7 @@ def _split(
     return on_time.append_column("_mark", pa.array(marks[keep]))
 
 
-def _aggregate(
-    states: Mapping[int, PartitionState], table: pa.Table, outcomes: dict[int, BatchOutcome]
-) -> None:
+def _aggregate(states: Mapping[int, PartitionState], table: pa.Table) -> None:
     if not table.num_rows:
         return
     config = next(iter(states.values())).config

@@ -32,6 +32,10 @@ def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("kafak:\n  port: 1\n", "kafak"),
         ("pipeline:\n  workers: 0\n", "pipeline.workers"),
         ("serve:\n  port: 70000\n", "serve.port"),
+        ("pipeline:\n  attributes: {device: text}\n", "pipeline.attributes.device"),
+        ("pipeline:\n  transforms: [{filter: \"__import__('os')\"}]\n", "pipeline.transforms"),
+        ("pipeline:\n  transforms: [{explode: x}]\n", "pipeline.transforms"),
+        ("pipeline:\n  enrichment: [{table: dim}]\n", "pipeline.enrichment"),
     ],
 )
 def test_unknown_or_invalid_keys_are_rejected(tmp_path: Path, yaml_text: str, where: str) -> None:
