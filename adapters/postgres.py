@@ -95,6 +95,83 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        3,
+        # Ingest: tenants and their API keys (only a SHA-256 of each key is kept; keys are
+        # 256-bit random, so a plain hash is enough), sources with their authentication,
+        # payload mapping and kind-specific settings (HMAC secrets must be kept readable
+        # to verify signatures), poller cursors, uploads, registry compatibility levels,
+        # captured CDC tables and MQTT devices.
+        """
+        CREATE TABLE IF NOT EXISTS tenants (
+            id text PRIMARY KEY,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS api_keys (
+            key_hash text PRIMARY KEY,
+            tenant text NOT NULL REFERENCES tenants (id) ON DELETE CASCADE,
+            label text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            revoked_at timestamptz
+        );
+        CREATE TABLE IF NOT EXISTS sources (
+            name text PRIMARY KEY,
+            kind text NOT NULL,
+            tenant text REFERENCES tenants (id),
+            auth text NOT NULL DEFAULT 'api_key',
+            scheme text,
+            secret text,
+            previous_secret text,
+            previous_secret_until timestamptz,
+            mapping jsonb NOT NULL DEFAULT '{}',
+            schema_subject text,
+            events_per_second double precision,
+            burst integer,
+            config jsonb NOT NULL DEFAULT '{}',
+            enabled boolean NOT NULL DEFAULT true,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS source_cursors (
+            source text PRIMARY KEY REFERENCES sources (name) ON DELETE CASCADE,
+            cursor jsonb NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS uploads (
+            id text PRIMARY KEY,
+            tenant text NOT NULL,
+            source text NOT NULL,
+            filename text NOT NULL,
+            format text NOT NULL,
+            object_key text NOT NULL,
+            size_bytes bigint NOT NULL DEFAULT 0,
+            state text NOT NULL,
+            rows_read bigint NOT NULL DEFAULT 0,
+            rows_accepted bigint NOT NULL DEFAULT 0,
+            rows_rejected bigint NOT NULL DEFAULT 0,
+            error text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS subject_config (
+            subject text PRIMARY KEY,
+            compatibility text NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS cdc_tables (
+            schema_name text NOT NULL,
+            table_name text NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (schema_name, table_name)
+        );
+        CREATE TABLE IF NOT EXISTS devices (
+            id text PRIMARY KEY,
+            tenant text NOT NULL REFERENCES tenants (id),
+            password_hash text NOT NULL,
+            enabled boolean NOT NULL DEFAULT true,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 

@@ -63,23 +63,38 @@ def _stack(settings: Settings) -> Any:
     return LocalStack(settings, _say)
 
 
-def _bring_up(settings: Settings) -> None:
+def _bring_up(settings: Settings, services_only: bool = False) -> None:
     from cluster.deploy import connected, deploy
 
     _stack(settings).up()
+    if services_only:
+        return
     with connected(settings):
         deploy(settings, _say)
 
 
 @app.command()
-def up(ctx: typer.Context) -> None:
-    """Start the local stack (Kafka, PostgreSQL, Redis, Ray) and deploy the pipeline.
+def up(
+    ctx: typer.Context,
+    services_only: bool = typer.Option(
+        False,
+        "--services-only",
+        help="Start the services (Kafka, PostgreSQL, Redis, ...) but deploy nothing to Ray.",
+    ),
+) -> None:
+    """Start the local stack (Kafka, PostgreSQL, Redis, S3, Kafka Connect, Mosquitto, Ray)
+    and deploy the pipeline.
 
     Safe to run again: running services and deployed apps are kept. The first run
-    downloads the Kafka jars from Maven Central into the cache folder.
+    downloads the Kafka, Kafka Connect and Debezium jars from Maven Central into the
+    cache folder.
     """
     settings = _settings(ctx)
-    _bring_up(settings)
+    _bring_up(settings, services_only)
+    if services_only:
+        for row in _stack(settings).status():
+            console.print(f"{row.name}: {row.state} {list(row.ports)}")
+        return
     _print_status(settings)
 
 

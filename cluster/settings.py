@@ -143,6 +143,91 @@ class ServeSettings(_Part):
     default_source: str = Field("api", description="`source` of events that name none.")
 
 
+class IngestSettings(_Part):
+    signature_tolerance_seconds: int = Field(
+        300, ge=1, description="Signed webhooks whose timestamp is further from now are rejected."
+    )
+    delivery_ttl_seconds: int = Field(
+        86_400,
+        ge=60,
+        description="How long a webhook delivery id is remembered, so a replay is not applied.",
+    )
+    tenant_events_per_second: float = Field(
+        200_000, gt=0, description="Default token-bucket rate of each tenant (events/s)."
+    )
+    tenant_burst: int = Field(
+        400_000, ge=1, description="Default token-bucket size of each tenant (events)."
+    )
+    source_events_per_second: float = Field(
+        100_000, gt=0, description="Default rate of a source that sets none (events/s)."
+    )
+    source_burst: int = Field(
+        200_000, ge=1, description="Default bucket size of a source that sets none (events)."
+    )
+    max_consumer_lag: int = Field(
+        5_000_000,
+        ge=0,
+        description="Consumer lag (records) of the raw topic above which ingest answers 503 "
+        "(0: never).",
+    )
+    lag_check_seconds: float = Field(
+        2.0, gt=0, description="How often an ingest replica re-reads the consumer lag."
+    )
+
+
+class S3Settings(_Part):
+    managed: bool = Field(True, description="Run a local S3-compatible server with `up`.")
+    host: str = Field("127.0.0.1", description="Address the local S3 server listens on.")
+    port: int = Field(29000, ge=1, le=65535, description="Port of the local S3 server.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint to use instead of the local one (None with AWS: default)."
+    )
+    region: str = Field("us-east-1", description="S3 region.")
+    bucket: str = Field("rayline-archive", description="Bucket of the raw archive and uploads.")
+    access_key_id: str = Field("rayline", description="S3 access key id.")
+    secret_access_key: SecretStr = Field(
+        SecretStr("rayline-local-secret"), description="S3 secret access key (never logged)."
+    )
+
+    def endpoint(self) -> str | None:
+        if self.endpoint_url is not None:
+            return self.endpoint_url
+        return f"http://{self.host}:{self.port}" if self.managed else None
+
+
+class CdcSettings(_Part):
+    managed: bool = Field(
+        True, description="Run Kafka Connect with the Debezium PostgreSQL connector with `up`."
+    )
+    host: str = Field("127.0.0.1", description="Address of Kafka Connect's REST API.")
+    port: int = Field(28083, ge=1, le=65535, description="Port of Kafka Connect's REST API.")
+    debezium_version: str = Field(
+        "3.6.1.Final", description="Debezium version fetched from Maven Central."
+    )
+    heap: str = Field("512m", description="Java heap (-Xmx) of the local Kafka Connect worker.")
+    topic_prefix: str = Field("cdc", description="Change topics are <prefix>.<schema>.<table>.")
+    database: str = Field(
+        "appdb", description="PostgreSQL database whose tables `rayline cdc add` captures."
+    )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class MqttSettings(_Part):
+    managed: bool = Field(True, description="Run a local Mosquitto broker with `up`.")
+    host: str = Field("127.0.0.1", description="MQTT broker host.")
+    port: int = Field(21883, ge=1, le=65535, description="MQTT broker port.")
+    topic_filter: str = Field(
+        "devices/+/telemetry", description="Topics the bridge subscribes to (QoS 1)."
+    )
+    bridge_username: str = Field("rayline-bridge", description="The bridge's MQTT user.")
+    bridge_password: SecretStr = Field(
+        SecretStr("rayline-bridge-local"), description="The bridge's MQTT password (never logged)."
+    )
+
+
 class PipelineSettings(_Part):
     workers: int = Field(2, ge=1, description="PartitionWorker actors sharing the raw topic.")
     batch_max_records: int = Field(20_000, ge=1, description="Most records in one micro-batch.")
@@ -268,6 +353,12 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = Field(
         default_factory=PipelineSettings, description="Stream processing."
     )
+    ingest: IngestSettings = Field(
+        default_factory=IngestSettings, description="Ingest edge: signatures, limits."
+    )
+    s3: S3Settings = Field(default_factory=S3Settings, description="S3 raw archive.")
+    cdc: CdcSettings = Field(default_factory=CdcSettings, description="Database CDC.")
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT (IoT) bridge.")
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:
@@ -307,6 +398,9 @@ class Settings(BaseSettings):
             "ray.dashboard_port": self.ray.dashboard_port,
             "ray.client_port": self.ray.client_port,
             "serve.port": self.serve.port,
+            "s3.port": self.s3.port,
+            "cdc.port": self.cdc.port,
+            "mqtt.port": self.mqtt.port,
         }
 
     def clickhouse_dsn(self) -> str:

@@ -400,9 +400,10 @@ class LocalStack:
 
     def down(self) -> list[str]:
         """Stop every service this stack started, Ray first; return the names stopped."""
-        order = {"ray": 0, "kafka": 1, "redis": 2, "postgres": 3}
+        # Ray and the services that write to Kafka first, then Kafka, then the stores.
+        order = {"ray": 0, "kafka": 2, "redis": 3, "postgres": 4}
         stopped = []
-        for spec in sorted(self.specs(), key=lambda sp: order[sp.name]):
+        for spec in sorted(self.specs(), key=lambda sp: order.get(sp.name, 1)):
             if self.supervisor.stop(spec):
                 stopped.append(spec.name)
         return stopped

@@ -77,6 +77,17 @@ def stack(settings: Settings) -> Iterator[Settings]:
     rayline("down")
 
 
+@pytest.fixture(scope="session")
+def services(settings: Settings) -> Iterator[Settings]:
+    """The local services (Kafka, PostgreSQL, Redis, S3, Connect, Mosquitto) without the
+    Ray deployment, for tests that run a component in-process against them. A test
+    session that also uses ``stack`` gets the same services (``up`` keeps what runs)."""
+    result = rayline("up", "--services-only")
+    assert result.returncode == 0, f"rayline up failed:\n{result.stdout}\n{result.stderr}"
+    yield settings
+    rayline("down")
+
+
 def pg(settings: Settings, sql: str, *args: Any) -> Any:
     """Run one statement in Rayline's PostgreSQL database; return its rows."""
 
