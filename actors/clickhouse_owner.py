@@ -41,6 +41,16 @@ class ClickHouseOwner:
     def raw_event_stats(self, tenant: str) -> dict[str, int]:
         return self._store.raw_event_stats(tenant)
 
+    def ensure_cdc_table(
+        self, table: str, columns: Sequence[tuple[str, str]], key: Sequence[str]
+    ) -> None:
+        self._store.ensure_cdc_table(table, columns, key)
+
+    def insert_cdc_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
+        return self._store.insert_cdc_rows(table, columns, rows)
+
     def ping(self) -> bool:
         return self._store.ping()
 

@@ -6,12 +6,18 @@ Rules and schemas are re-read when their version changes (checked every
 and loaded again only when it changed. All of it happens between micro-batches, so a
 batch always sees one consistent set of inputs; a change applies from the next batch
 on, without a restart.
+
+A dimension table captured by CDC is checked sooner: the CDC applier publishes the
+last LSN it applied of each captured table in Redis (``rayline:cdc:lsn:<schema>.<table>``),
+and when that position moves (read at most every ``CDC_CHECK_MS``, one MGET for all
+tables), the dimension of the same name (``public`` when it names no schema) is
+checked before the next batch, whatever its TTL.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +35,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+CDC_CHECK_MS = 200
+
+CdcPositionReader = Callable[[Sequence[str]], Sequence[str | None]]
+
 
 class RuntimeInputs:
     """Keeps a worker's :class:`Runtime` current; see the module docstring."""
 
-    def __init__(self, config: WorkerConfig, meta: MetadataStore) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        meta: MetadataStore,
+        cdc_positions: CdcPositionReader | None = None,
+    ) -> None:
         self._meta = meta
         self._refresh_ms = config.rules_refresh_ms
         self._caches = {
@@ -44,6 +59,17 @@ class RuntimeInputs:
         self._rules_version: str | None = None
         self._subjects: dict[str, int] = {}
         self._next_check_ms = 0
+        self._closers: list[Callable[[], None]] = []
+        if cdc_positions is None and config.redis_url and self._caches:
+            from adapters.redis import CdcPositions
+
+            positions = CdcPositions(config.redis_url)
+            cdc_positions = positions.read
+            self._closers.append(positions.close)
+        self._cdc_positions = cdc_positions
+        self._cdc_names = {table: _captured_name(table) for table in self._caches}
+        self._cdc_seen: dict[str, str | None] | None = None
+        self._next_cdc_check_ms = 0
 
     def refresh(
         self, runtime: Runtime, now_ms: int, force: bool = False
@@ -58,8 +84,9 @@ class RuntimeInputs:
             self._next_check_ms = now_ms + self._refresh_ms
         dimensions = dict(runtime.dimensions)
         changed = False
+        captured = self._captured_changes(now_ms)
         for table, cache in self._caches.items():
-            if not (force or cache.needs_refresh(now_ms)):
+            if not (force or table in captured or cache.needs_refresh(now_ms)):
                 continue
             try:
                 reloaded = cache.update(
@@ -77,6 +104,23 @@ class RuntimeInputs:
         if changed:
             runtime = replace(runtime, dimensions=dimensions)
         return runtime, errors
+
+    def _captured_changes(self, now_ms: int) -> set[str]:
+        """Dimension tables whose CDC position moved since the last look."""
+        if self._cdc_positions is None or now_ms < self._next_cdc_check_ms:
+            return set()
+        self._next_cdc_check_ms = now_ms + CDC_CHECK_MS
+        tables = list(self._cdc_names)
+        try:
+            marks = self._cdc_positions([self._cdc_names[t] for t in tables])
+        except StoreUnavailable as exc:
+            log.warning("CDC positions not read, dimensions follow their TTL: %s", exc)
+            return set()
+        current = dict(zip(tables, marks, strict=True))
+        previous, self._cdc_seen = self._cdc_seen, current
+        if previous is None:
+            return set()
+        return {t for t, mark in current.items() if mark != previous.get(t)}
 
     def _loader(self, cache: DimensionCache) -> Callable[[], pa.Table]:
         spec = cache.spec
@@ -117,7 +161,14 @@ class RuntimeInputs:
         return decode(data, self._schemas)[0]
 
     def close(self) -> None:
+        for close in self._closers:
+            close()
         self._meta.close()
+
+
+def _captured_name(table: str) -> str:
+    """``schema.table`` of a dimension table as CDC names it."""
+    return table if "." in table else f"public.{table}"
 
 
 def _empty(cache: DimensionCache) -> pa.Table:

@@ -112,6 +112,10 @@ def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def _quoted(identifier: str) -> str:
+    return "`" + identifier.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
 def _dims(group_key: str) -> tuple[tuple[str, str], ...]:
     """The group-by (name, value) pairs, in their order, back from a row's group key."""
     if not group_key:
@@ -237,6 +241,53 @@ class ClickHouseStore:
             {"tenant": tenant},
         )
         return {"rows": int(rows[0][0]), "distinct_ids": int(rows[0][1])}
+
+    def ensure_cdc_table(
+        self, table: str, columns: Sequence[tuple[str, str]], key: Sequence[str]
+    ) -> None:
+        """Create the table of a captured PostgreSQL table, or add the columns it lacks.
+
+        ``columns`` are (name, ClickHouse type) pairs. The table keeps per primary key
+        the row with the highest ``_version`` (the change's LSN); ``FINAL`` drops rows
+        whose newest version has ``_deleted = 1``.
+        """
+        db, name = self._database, _quoted(table)
+        body = ", ".join(f"{_quoted(c)} {t}" for c, t in columns)
+        self._command(
+            f"CREATE TABLE IF NOT EXISTS {db}.{name} "
+            f"({body}, _version UInt64, _deleted UInt8) "
+            "ENGINE = ReplacingMergeTree(_version, _deleted) "
+            f"ORDER BY ({', '.join(_quoted(k) for k in key)})"
+        )
+        adds = ", ".join(f"ADD COLUMN IF NOT EXISTS {_quoted(c)} {t}" for c, t in columns)
+        self._command(f"ALTER TABLE {db}.{name} {adds}")
+
+    def insert_cdc_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> int:
+        """Store versioned rows of a captured table; storing one again changes nothing."""
+        if not rows:
+            return 0
+        try:
+            self._client.insert(
+                f"{self._database}.{_quoted(table)}", list(rows), column_names=list(columns)
+            )
+        except ClickHouseError as exc:
+            raise StoreUnavailable(
+                f"ClickHouse rejected {len(rows)} rows of {table}: {exc}"
+            ) from exc
+        return len(rows)
+
+    def cdc_rows(self, table: str) -> list[dict[str, Any]]:
+        """The current rows of a captured table (deleted ones left out)."""
+        name = f"{self._database}.{_quoted(table)}"
+        try:
+            result = self._client.query(
+                f"SELECT * EXCEPT (_version, _deleted) FROM {name} FINAL WHERE _deleted = 0"
+            )
+        except ClickHouseError as exc:
+            raise StoreUnavailable(f"ClickHouse could not read {table}: {exc}") from exc
+        return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
     def ping(self) -> bool:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ Headers = list[tuple[str, str | bytes | None]]
 class TopicSpec:
     name: str
     partitions: int
+    config: Mapping[str, str] | None = None  # topic configs, e.g. cleanup.policy=compact
 
 
 def admin(bootstrap: str) -> AdminClient:
@@ -51,7 +52,11 @@ def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout: float = 
         existing = client.list_topics(timeout=timeout).topics
     except KafkaException as exc:
         raise StoreUnavailable(f"Kafka at {bootstrap} did not list topics: {exc}") from exc
-    missing = [NewTopic(t.name, t.partitions, 1) for t in topics if t.name not in existing]
+    missing = [
+        NewTopic(t.name, t.partitions, 1, config=dict(t.config or {}))
+        for t in topics
+        if t.name not in existing
+    ]
     grow = [
         t for t in topics if t.name in existing and len(existing[t.name].partitions) < t.partitions
     ]
@@ -218,3 +223,28 @@ class AsyncBatchProducer:
         self.flush(timeout)
         self._closed.set()
         self._poller.join(timeout=1.0)
+
+
+def consumer_lag(bootstrap: str, topic: str, group_id: str, timeout: float = 5.0) -> int:
+    """Records of ``topic`` that the group has not committed yet, over all partitions.
+
+    A partition the group never committed counts from its low watermark.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group_id, "enable.auto.commit": False}
+    )
+    try:
+        parts = [TopicPartition(topic, p) for p in partition_ids(bootstrap, topic, timeout)]
+        committed = consumer.committed(parts, timeout=timeout)
+        lag = 0
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, tp.partition), timeout=timeout
+            )
+            position = tp.offset if tp.offset >= 0 else low
+            lag += max(0, high - position)
+        return lag
+    except KafkaException as exc:
+        raise StoreUnavailable(f"Kafka did not report the lag of {group_id!r}: {exc}") from exc
+    finally:
+        consumer.close()

@@ -246,6 +246,34 @@ class _Connection:
         self._loop.close()
 
 
+class AsyncStore:
+    """Base of the async stores: a small asyncpg pool opened on first use, for one event
+    loop; driver errors become :class:`StoreUnavailable` naming ``_what``."""
+
+    _what = "PostgreSQL"
+
+    def __init__(self, dsn: str, *, max_size: int = 4) -> None:
+        self._dsn = dsn
+        self._max_size = max_size
+        self._pool: asyncpg.Pool | None = None
+
+    async def _run(self, method: str, sql: str, *args: object) -> Any:
+        """``pool.<method>(sql, *args)``: execute, fetch, fetchrow or fetchval."""
+        try:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self._dsn, min_size=1, max_size=self._max_size, timeout=10
+                )
+            return await getattr(self._pool, method)(sql, *args, timeout=10)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreUnavailable(f"{self._what} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
 class CheckpointStore(_Connection):
     """Partition snapshots with epoch fencing, for use from one (non-async) thread.
 

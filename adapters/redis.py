@@ -83,3 +83,73 @@ def _tile(r: WindowResult) -> dict[str, Any]:
     if r.quantiles is not None:
         tile["p50"], tile["p99"] = r.quantile(0.5), r.quantile(0.99)
     return tile
+
+
+class DeliveryLog:
+    """Webhook delivery ids seen lately, so that a replayed delivery is not applied twice.
+
+    ``claim`` sets ``rayline:delivery:<source>:<id>`` only if it is absent (one atomic
+    ``SET NX EX``), so of two concurrent copies of a delivery exactly one wins, on any
+    replica. A claim whose events Kafka then refused is given back with ``release``, so
+    that the sender's retry is applied.
+    """
+
+    def __init__(self, url: str, ttl_seconds: int) -> None:
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self._ttl = ttl_seconds
+
+    @staticmethod
+    def _key(source: str, delivery_id: str) -> str:
+        return f"rayline:delivery:{source}:{delivery_id[:200]}"
+
+    async def claim(self, source: str, delivery_id: str) -> bool:
+        """True when this delivery is new (and now claimed); False for a replay."""
+        try:
+            return bool(
+                await self._client.set(self._key(source, delivery_id), b"1", nx=True, ex=self._ttl)
+            )
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis (webhook deliveries) did not answer: {exc}") from exc
+
+    async def release(self, source: str, delivery_id: str) -> None:
+        try:
+            await self._client.delete(self._key(source, delivery_id))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"Redis (webhook deliveries) did not answer: {exc}") from exc
+
+
+CDC_LSN_PREFIX = "rayline:cdc:lsn:"
+
+
+class CdcPositions:
+    """The last applied LSN of each captured table (``rayline:cdc:lsn:<schema>.<table>``).
+
+    The CDC applier publishes them after each batch; workers read them to reload a
+    dimension table as soon as its changes are in.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def publish(self, positions: Mapping[str, int]) -> None:
+        if not positions:
+            return
+        try:
+            self._client.mset({CDC_LSN_PREFIX + t: str(lsn) for t, lsn in positions.items()})
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis did not take the CDC positions: {exc}") from exc
+
+    def read(self, tables: Sequence[str]) -> list[str | None]:
+        """The position of each of ``tables`` (``schema.table``), None where none is known."""
+        if not tables:
+            return []
+        try:
+            values = self._client.mget([CDC_LSN_PREFIX + t for t in tables])
+        except (redis.RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis did not answer for the CDC positions: {exc}") from exc
+        return [None if v is None else v.decode() if isinstance(v, bytes) else v for v in values]
+
+    def close(self) -> None:
+        self._client.close()

@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_cdc import cdc_app
+from cluster.cli_devices import devices_app
 from cluster.cli_metadata import rules_app, schemas_app
+from cluster.cli_sources import keys_app, sources_app, tenants_app
+from cluster.cli_upload import upload
 from cluster.settings import Settings, describe_settings, load_settings
 from core.exceptions import RaylineError
 
@@ -123,7 +128,45 @@ def _status_data(settings: Settings) -> dict[str, Any]:
     if ray_running:
         with connected(settings):
             pipeline = pipeline_status(settings)
-    return {"services": services, "pipeline": pipeline}
+    return {"services": services, "pipeline": pipeline, "sources": _source_stats(settings)}
+
+
+def _source_stats(settings: Settings) -> dict[str, Any]:
+    """Every source's counters from Redis (empty when Redis does not answer)."""
+    import redis
+
+    from adapters.source_stats import SourceStats
+
+    stats = SourceStats(settings.redis.url())
+    try:
+        return stats.read_all(int(time.time() * 1000))
+    except redis.RedisError:
+        return {}
+    finally:
+        stats.close()
+
+
+def _print_sources(sources: dict[str, Any]) -> None:
+    if not sources:
+        return
+    table = Table(title="sources")
+    columns = ("source", "events/s", "accepted", "rejected", "errors", "last success", "last error")
+    for column in columns:
+        table.add_column(column)
+    now_ms = time.time() * 1000
+    for name, row in sorted(sources.items()):
+        last = row.get("last_success_ms")
+        ago = "-" if not isinstance(last, int) else f"{(now_ms - last) / 1000:,.0f} s ago"
+        table.add_row(
+            name,
+            f"{row.get('events_per_second', 0):,}",
+            f"{row.get('accepted', 0):,}",
+            f"{row.get('rejected', 0):,}",
+            f"{row.get('errors', 0):,}",
+            ago,
+            str(row.get("last_error", ""))[:60],
+        )
+    console.print(table)
 
 
 def _print_status(settings: Settings) -> None:
@@ -140,6 +183,7 @@ def _print_status(settings: Settings) -> None:
             str(s["pid"] or "-"),
         )
     console.print(table)
+    _print_sources(data["sources"])
     pipeline = data["pipeline"]
     if pipeline is None:
         console.print("pipeline: not deployed (run `rayline up`)")
@@ -213,6 +257,12 @@ def scale_workers(
 
 app.add_typer(rules_app, name="rules")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(cdc_app, name="cdc")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(sources_app, name="sources")
+app.command("upload")(upload)
+app.add_typer(devices_app, name="devices")
 
 
 class Then(StrEnum):

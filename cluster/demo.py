@@ -97,6 +97,17 @@ async def _post(
     run.failed_requests += 1
 
 
+async def demo_key(settings: Settings) -> str:
+    """A platform key for the demo's sender, which writes several tenants' events."""
+    from adapters.sources import SourceCatalog
+
+    catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
+    try:
+        return await catalog.create_key("*", "rayline demo")
+    finally:
+        await catalog.close()
+
+
 async def produce(
     settings: Settings, run: DemoRun, rate: int, duration: float, batch_size: int
 ) -> None:
@@ -108,7 +119,8 @@ async def produce(
     run.first_ts_ms = int(time.time() * 1000)
     in_flight: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    headers = {"authorization": f"Bearer {await demo_key(settings)}"}
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
         seq = 0
         while (elapsed := time.monotonic() - run.started_at) < duration:
             due = int(elapsed / interval) + 1

@@ -4,6 +4,7 @@ partition workers, and the Serve apps. Safe to run again: what exists is kept.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -14,18 +15,32 @@ import httpx
 import ray
 from ray import serve
 
+from actors.cdc_applier import APPLIER_NAME, CdcApplierActor, CdcApplierConfig
 from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner
 from actors.coordinator import COORDINATOR_NAME, Coordinator
+from actors.mqtt_bridge import BRIDGE_NAME, MqttBridgeActor
 from actors.partition_worker import WorkerConfig
+from actors.poller_supervisor import SUPERVISOR_NAME as POLLER_NAME
+from actors.poller_supervisor import PollerSupervisor, SupervisorConfig
+from adapters.s3 import S3Config
+from cluster.mosquitto import bridge_config
 from cluster.processes import ServiceFailed
 from cluster.settings import Settings
 from core.columnar import Layout
 from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment, parse_transforms
-from serve_apps.ingest import IngestAPI, IngestConfig
+from data_jobs import publish_upload
+from serve_apps.edge import EdgeConfig
+from serve_apps.ingest import IngestAPI
 from serve_apps.query import QueryAPI, QueryConfig
+from serve_apps.registry import RegistryConfig, SchemaRegistryAPI
+from serve_apps.uploads import ROUTE_PREFIX as UPLOADS_PREFIX
+from serve_apps.uploads import UploadsAPI, UploadsConfig
 
 INGEST_APP = "ingest"
+UPLOADS_APP = "uploads"
+REGISTRY_APP = "registry"
+REGISTRY_PREFIX = "/registry"
 QUERY_APP = "query"
 
 
@@ -62,6 +77,32 @@ def worker_config(settings: Settings) -> WorkerConfig:
         redis_url=settings.redis.url() if settings.pipeline.live_tiles else None,
         enrichment_ttl_ms=int(settings.pipeline.enrichment_ttl_seconds * 1000),
         rules_refresh_ms=int(settings.pipeline.rules_refresh_seconds * 1000),
+    )
+
+
+def edge_config(settings: Settings) -> EdgeConfig:
+    """What the ingest edge needs of the settings."""
+    k, sv, i = settings.kafka, settings.serve, settings.ingest
+    return EdgeConfig(
+        bootstrap=k.bootstrap,
+        topic=k.raw_topic,
+        dlq_topic=k.dlq_topic,
+        consumer_group=k.consumer_group,
+        dsn=settings.postgres.dsn(),
+        redis_url=settings.redis.url(),
+        linger_ms=k.producer_linger_ms,
+        queue_max_messages=k.producer_queue_max_messages,
+        max_body_bytes=sv.max_body_bytes,
+        max_events_per_request=sv.max_events_per_request,
+        default_source=sv.default_source,
+        signature_tolerance_s=i.signature_tolerance_seconds,
+        delivery_ttl_s=i.delivery_ttl_seconds,
+        tenant_rate=i.tenant_events_per_second,
+        tenant_burst=i.tenant_burst,
+        source_rate=i.source_events_per_second,
+        source_burst=i.source_burst,
+        max_consumer_lag=i.max_consumer_lag,
+        lag_check_s=i.lag_check_seconds,
     )
 
 
@@ -105,9 +146,61 @@ def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> 
         ClickHouseOwner, OWNER_NAME, ns, settings.clickhouse_dsn(), settings.clickhouse.database
     )
     ray.get(owner.ping.remote())
+    _singleton(CdcApplierActor, APPLIER_NAME, ns, cdc_config(settings))
     workers = settings.pipeline.workers
     _singleton(Coordinator, COORDINATOR_NAME, ns, worker_config(settings), workers, ns, 0)
+    _deploy_sources(settings)
     _deploy_serve(settings, say)
+
+
+def cdc_config(settings: Settings) -> CdcApplierConfig:
+    return CdcApplierConfig(
+        bootstrap=settings.kafka.bootstrap,
+        topic_prefix=settings.cdc.topic_prefix,
+        dlq_topic=settings.kafka.dlq_topic,
+        redis_url=settings.redis.url(),
+        namespace=settings.ray.namespace,
+    )
+
+
+def uploads_config(settings: Settings) -> UploadsConfig:
+    s3 = S3Config.of(settings.s3)
+    job = publish_upload.UploadJobConfig(
+        s3=s3,
+        dsn=settings.postgres.dsn(),
+        bootstrap=settings.kafka.bootstrap,
+        raw_topic=settings.kafka.raw_topic,
+        dlq_topic=settings.kafka.dlq_topic,
+        redis_url=settings.redis.url(),
+    )
+    return UploadsConfig(
+        dsn=settings.postgres.dsn(),
+        s3=s3,
+        dlq_topic=settings.kafka.dlq_topic,
+        start_job=functools.partial(publish_upload.start, job),
+    )
+
+
+def poller_config(settings: Settings) -> SupervisorConfig:
+    k = settings.kafka
+    return SupervisorConfig(
+        dsn=settings.postgres.dsn(),
+        bootstrap=k.bootstrap,
+        raw_topic=k.raw_topic,
+        dlq_topic=k.dlq_topic,
+        redis_url=settings.redis.url(),
+        refresh_seconds=settings.ingest.sources_refresh_seconds,
+        linger_ms=k.producer_linger_ms,
+        queue_max_messages=k.producer_queue_max_messages,
+    )
+
+
+def _deploy_sources(settings: Settings) -> None:
+    """The source actors: pollers (one supervisor for every poll source) and the MQTT
+    bridge (one per deployment: two would take each other's broker session)."""
+    ns = settings.ray.namespace
+    _singleton(PollerSupervisor, POLLER_NAME, ns, poller_config(settings))
+    _singleton(MqttBridgeActor, BRIDGE_NAME, ns, bridge_config(settings))
 
 
 def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
@@ -120,18 +213,20 @@ def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
             num_replicas=sv.ingest_replicas,
             max_ongoing_requests=sv.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0},
-        ).bind(
-            IngestConfig(
-                bootstrap=settings.kafka.bootstrap,
-                topic=settings.kafka.raw_topic,
-                linger_ms=settings.kafka.producer_linger_ms,
-                queue_max_messages=settings.kafka.producer_queue_max_messages,
-                max_body_bytes=sv.max_body_bytes,
-                max_events_per_request=sv.max_events_per_request,
-                default_source=sv.default_source,
-            )
-        )
+        ).bind(edge_config(settings))
         serve.run(ingest, name=INGEST_APP, route_prefix="/", blocking=False)
+    if UPLOADS_APP not in running:
+        say("deploying the uploads Serve app ...")
+        uploads = UploadsAPI.options(  # type: ignore[attr-defined]
+            max_ongoing_requests=sv.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
+        ).bind(uploads_config(settings))
+        serve.run(uploads, name=UPLOADS_APP, route_prefix=UPLOADS_PREFIX, blocking=False)
+    if REGISTRY_APP not in running:
+        say("deploying the schema registry Serve app ...")
+        registry = SchemaRegistryAPI.options(  # type: ignore[attr-defined]
+            max_ongoing_requests=sv.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
+        ).bind(RegistryConfig(dsn=settings.postgres.dsn()))
+        serve.run(registry, name=REGISTRY_APP, route_prefix=REGISTRY_PREFIX, blocking=False)
     if QUERY_APP not in running:
         say("deploying the query Serve app ...")
         query = QueryAPI.options(  # type: ignore[attr-defined]

@@ -173,6 +173,9 @@ class IngestSettings(_Part):
     lag_check_seconds: float = Field(
         2.0, gt=0, description="How often an ingest replica re-reads the consumer lag."
     )
+    sources_refresh_seconds: float = Field(
+        5.0, gt=0, description="How often source actors (pollers) re-read their sources."
+    )
 
 
 class S3Settings(_Part):
@@ -225,6 +228,31 @@ class MqttSettings(_Part):
     bridge_username: str = Field("rayline-bridge", description="The bridge's MQTT user.")
     bridge_password: SecretStr = Field(
         SecretStr("rayline-bridge-local"), description="The bridge's MQTT password (never logged)."
+    )
+    client_id: str = Field(
+        "rayline-bridge", description="The bridge's MQTT client id (names its persistent session)."
+    )
+    session_expiry_seconds: int = Field(
+        7 * 86_400,
+        ge=60,
+        description="How long the broker keeps the bridge's session (and queues its messages) "
+        "while the bridge is away.",
+    )
+    receive_maximum: int = Field(
+        1000,
+        ge=1,
+        le=65535,
+        description="Most unacknowledged messages the broker sends the bridge at once "
+        "(bounds the bridge's memory).",
+    )
+    batch_max_messages: int = Field(
+        500, ge=1, description="Most MQTT messages the bridge produces to Kafka in one batch."
+    )
+    batch_max_ms: int = Field(
+        50, ge=1, description="Longest wait (ms) to fill one batch of MQTT messages."
+    )
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=1, description="Larger MQTT payloads are dead-lettered."
     )
 
 

@@ -18,16 +18,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters import cdc_catalog
 from adapters import kafka as kafka_adapter
+from adapters import kafka_connect as connect_adapter
+from adapters import mqtt as mqtt_adapter
 from adapters import postgres as pg_adapter
 from adapters import redis as redis_adapter
+from adapters import s3 as s3_adapter
+from cluster import mosquitto
 from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open
 from cluster.settings import PROJECT_ROOT, Settings
 from core.exceptions import ConfigurationError
 
 Say = Callable[[str], None]
 
-_APT = "apt-get install -y openjdk-17-jre-headless maven postgresql redis-server"
+_APT = (
+    "apt-get install -y openjdk-17-jre-headless maven postgresql redis-server mosquitto "
+    "mosquitto-clients"
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,38 @@ def _postgres_bin(name: str) -> str:
         if (bindir / name).exists():
             return str(bindir / name)
     return _need(name)
+
+
+# Kafka Connect's own compacted topics: connector configs, source offsets, states.
+CONNECT_TOPICS = {
+    "config": "rayline-connect-configs",
+    "offset": "rayline-connect-offsets",
+    "status": "rayline-connect-status",
+}
+
+
+def _connect_worker_properties(s: Settings) -> str:
+    """Kafka Connect in distributed mode, one worker, JSON with schemas (for the types)."""
+    c = s.cdc
+    lines = [
+        f"bootstrap.servers={s.kafka.bootstrap}",
+        "group.id=rayline-connect",
+        "key.converter=org.apache.kafka.connect.json.JsonConverter",
+        "value.converter=org.apache.kafka.connect.json.JsonConverter",
+        "key.converter.schemas.enable=true",
+        "value.converter.schemas.enable=true",
+        f"listeners=http://{c.host}:{c.port}",
+        f"rest.advertised.host.name={c.host}",
+        f"rest.advertised.port={c.port}",
+        "offset.flush.interval.ms=1000",
+        "topic.creation.enable=true",
+        # Connectors are on the class path; no plugin.path to scan.
+        "plugin.discovery=only_scan",
+    ]
+    for kind, topic in CONNECT_TOPICS.items():
+        lines += [f"{kind}.storage.topic={topic}", f"{kind}.storage.replication.factor=1"]
+    lines += ["offset.storage.partitions=1", "status.storage.partitions=1", ""]
+    return "\n".join(lines)
 
 
 def _reachable_by(user: str, folder: Path) -> bool:
@@ -81,6 +121,12 @@ class LocalStack:
             specs.append(self._postgres_spec())
         if s.redis.managed:
             specs.append(self._redis_spec())
+        if s.s3.managed:
+            specs.append(self._s3_spec())
+        if s.mqtt.managed:
+            specs.append(self._mosquitto_spec())
+        if s.cdc.managed:
+            specs.append(self._connect_spec())
         if s.ray.managed:
             specs.append(self._ray_spec())
         return specs
@@ -163,6 +209,65 @@ class LocalStack:
             log_file=self.logs / "redis.log",
         )
 
+    def _s3_spec(self) -> ProcessSpec:
+        # moto's server keeps every object in memory: enough for the local stack and
+        # tests, gone on `down` (docs/uploads.md says so); production points at S3.
+        s3 = self.settings.s3
+        return ProcessSpec(
+            name="s3",
+            argv=[
+                str(Path(sys.executable).parent / "moto_server"),
+                "--host",
+                s3.host,
+                "--port",
+                str(s3.port),
+            ],
+            ports=[s3.port],
+            ready=lambda: s3_adapter.answers(f"http://{s3.host}:{s3.port}"),
+            log_file=self.logs / "s3.log",
+        )
+
+    def _mosquitto_spec(self) -> ProcessSpec:
+        m = self.settings.mqtt
+        password = m.bridge_password.get_secret_value()
+        return ProcessSpec(
+            name="mosquitto",
+            argv=[
+                _need("mosquitto", "/usr/sbin/mosquitto"),
+                "-c",
+                str(mosquitto.config_path(self.settings)),
+            ],
+            ports=[m.port],
+            ready=lambda: (
+                port_open(m.port, m.host)
+                and mqtt_adapter.broker_answers(m.host, m.port, m.bridge_username, password)
+            ),
+            log_file=self.logs / "mosquitto.log",
+        )
+
+    def _connect_spec(self) -> ProcessSpec:
+        c = self.settings.cdc
+        home = self.state / "connect"
+        return ProcessSpec(
+            name="connect",
+            argv=[
+                "java",
+                f"-Xmx{c.heap}",
+                "-Xms128m",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
+                "-cp",
+                f"{self._connect_libs()}/*",
+                "org.apache.kafka.connect.cli.ConnectDistributed",
+                str(home / "worker.properties"),
+            ],
+            ports=[c.port],
+            ready=lambda: connect_adapter.answers(c.url),
+            log_file=self.logs / "connect.log",
+            start_timeout=180,  # a JVM scanning its class path for plugins, on small machines
+        )
+
     def _ray_spec(self) -> ProcessSpec:
         r = self.settings.ray
         argv = [
@@ -207,13 +312,37 @@ class LocalStack:
 
     def fetch_kafka(self) -> Path:
         """Copy the broker's jars from Maven Central into the cache (first run only)."""
-        libs = self._kafka_libs()
+        version = self.settings.kafka.version
+        return self._maven_copy(
+            PROJECT_ROOT / "cluster" / "kafka" / "pom.xml",
+            self._kafka_libs(),
+            f"Apache Kafka {version}",
+            {"kafka.version": version},
+        )
+
+    def _connect_libs(self) -> Path:
+        pom = PROJECT_ROOT / "cluster" / "connect" / "pom.xml"
+        digest = hashlib.sha256(pom.read_bytes()).hexdigest()[:12]
+        name = f"{self.settings.kafka.version}-{self.settings.cdc.debezium_version}-{digest}"
+        return self.settings.paths.cache_dir / "connect" / name
+
+    def fetch_connect(self) -> Path:
+        """Copy Kafka Connect's and Debezium's jars from Maven Central (first run only)."""
+        s = self.settings
+        return self._maven_copy(
+            PROJECT_ROOT / "cluster" / "connect" / "pom.xml",
+            self._connect_libs(),
+            f"Kafka Connect {s.kafka.version} with Debezium {s.cdc.debezium_version}",
+            {"kafka.version": s.kafka.version, "debezium.version": s.cdc.debezium_version},
+        )
+
+    def _maven_copy(self, pom: Path, libs: Path, what: str, properties: dict[str, str]) -> Path:
+        """Copy the runtime dependencies of ``pom`` into ``libs``, unless done before."""
         if (libs / ".complete").exists():
             return libs
         mvn = _need("mvn")
         _need("java")
-        version = self.settings.kafka.version
-        self.say(f"fetching Apache Kafka {version} jars from Maven Central into {libs} ...")
+        self.say(f"fetching {what} jars from Maven Central into {libs} ...")
         tmp = libs.with_name(libs.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [
@@ -222,8 +351,8 @@ class LocalStack:
             "-q",
             f"-Dmaven.repo.local={self.settings.paths.cache_dir / 'm2'}",
             "-f",
-            str(PROJECT_ROOT / "cluster" / "kafka" / "pom.xml"),
-            f"-Dkafka.version={version}",
+            str(pom),
+            *(f"-D{name}={value}" for name, value in properties.items()),
             "dependency:copy-dependencies",
             f"-DoutputDirectory={tmp}",
             "-DincludeScope=runtime",
@@ -231,11 +360,11 @@ class LocalStack:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
             raise ServiceFailed(
-                f"Maven could not fetch Kafka {version} (is Maven Central reachable?):\n"
+                f"Maven could not fetch {what} (is Maven Central reachable?):\n"
                 + result.stdout[-2000:]
                 + result.stderr[-2000:]
             )
-        (tmp / ".complete").write_text(version)
+        (tmp / ".complete").write_text(what)
         shutil.rmtree(libs, ignore_errors=True)
         tmp.rename(libs)
         return libs
@@ -282,7 +411,9 @@ class LocalStack:
         )
         if (data / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # `-t -x...` would read as an option
+            cluster_id = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
         result = subprocess.run(
             [
                 "java",
@@ -300,6 +431,43 @@ class LocalStack:
         )
         if result.returncode != 0:
             raise ServiceFailed(f"formatting Kafka storage failed:\n{result.stdout}{result.stderr}")
+
+    def _prepare_connect(self) -> None:
+        """Jars, the worker's settings, and its compacted topics on a ready broker."""
+        s = self.settings
+        self.fetch_connect()
+        home = self.state / "connect"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "worker.properties").write_text(_connect_worker_properties(s))
+        (home / "log4j2.properties").write_text(
+            "status = warn\n"
+            "appender.out.type = Console\nappender.out.name = OUT\n"
+            "appender.out.layout.type = PatternLayout\n"
+            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
+            "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = OUT\n"
+            "logger.reflections.name = org.reflections\nlogger.reflections.level = ERROR\n"
+        )
+        if s.kafka.managed:
+            self.supervisor.wait_ready(self._kafka_spec())  # Connect exits without a broker
+        compact = {"cleanup.policy": "compact"}
+        created = kafka_adapter.ensure_topics(
+            s.kafka.bootstrap,
+            [kafka_adapter.TopicSpec(t, 1, compact) for t in CONNECT_TOPICS.values()],
+        )
+        if created:
+            self.say(f"created topics {', '.join(created)}")
+
+    def _prepare_cdc_database(self) -> None:
+        """The captured database with its sample schema (``public.customers``)."""
+        s = self.settings
+        if pg_adapter.ensure_database(self._pg_admin_dsn(), s.cdc.database):
+            self.say(f"created PostgreSQL database {s.cdc.database} (CDC sample)")
+        dsn = s.postgres.model_copy(update={"database": s.cdc.database}).dsn()
+        captured = cdc_catalog.CapturedDatabase(dsn)
+        try:
+            captured.create_sample_schema()
+        finally:
+            captured.close()
 
     def _pg_user(self) -> str | None:
         return "postgres" if os.geteuid() == 0 else None
@@ -370,6 +538,10 @@ class LocalStack:
                 self._prepare_kafka()
             elif spec.name == "postgres":
                 self._prepare_postgres()
+            elif spec.name == "connect":
+                self._prepare_connect()
+            elif spec.name == "mosquitto":
+                mosquitto.prepare(s)
             self.say(f"starting {spec.name} on port {', '.join(map(str, spec.ports))} ...")
             self.supervisor.launch(spec)
         for spec in specs:
@@ -389,6 +561,13 @@ class LocalStack:
         applied = pg_adapter.migrate(s.postgres.dsn())
         if applied:
             self.say(f"applied PostgreSQL migrations {applied}")
+        if s.cdc.managed:
+            self._prepare_cdc_database()
+        if s.mqtt.managed:
+            # Devices added before a restart connect again: the file comes from PostgreSQL.
+            mosquitto.sync_devices(s, self.supervisor.pid(self._mosquitto_spec()))
+        if s.s3.managed and s3_adapter.S3Store(s3_adapter.S3Config.of(s.s3)).ensure_bucket():
+            self.say(f"created S3 bucket {s.s3.bucket}")
         return self.status()
 
     def restart(self, name: str) -> None:

@@ -123,9 +123,18 @@ def workers(stack: Settings) -> list[Any]:
 
 
 @pytest.fixture(scope="session")
-def http(stack: Settings) -> Iterator[httpx.Client]:
+def platform_key(stack: Settings) -> str:
+    """A key that may write events of any tenant (tests use a new tenant each)."""
+    made = rayline("keys", "add", "*", "--label", "integration tests")
+    assert made.returncode == 0, made.stderr
+    return made.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def http(stack: Settings, platform_key: str) -> Iterator[httpx.Client]:
     base = f"http://{stack.serve.host}:{stack.serve.port}"
-    with httpx.Client(base_url=base, timeout=30) as client:
+    headers = {"authorization": f"Bearer {platform_key}"}
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         yield client
 
 

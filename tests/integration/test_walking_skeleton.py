@@ -66,7 +66,7 @@ def test_events_travel_from_http_to_query(http: httpx.Client, tenant: str) -> No
     ]
     answer = http.post("/v1/events", json=batch)
     assert answer.status_code == 202, answer.text
-    assert answer.json() == {"accepted": 6}
+    assert answer.json() == {"accepted": 6, "rejected": 0}
 
     clicks = eventually(lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 5)
     assert shape(clicks["windows"]) == [window(0, 3, 6.0), window(60, 2, 30.0)]
@@ -115,34 +115,38 @@ def test_malformed_json_is_400_and_writes_nothing(
     assert raw_offsets(stack) == before
 
 
-def test_invalid_events_are_422_listing_each_and_nothing_is_written(
+def test_invalid_events_are_listed_each_dead_lettered_and_the_rest_written(
     http: httpx.Client, stack: Settings, tenant: str
 ) -> None:
     before = raw_offsets(stack)
+    dlq_before = end_offsets(stack.kafka.bootstrap, stack.kafka.dlq_topic)
     batch = [
-        event(tenant, 1, "click", at(0), 1),  # fine, but must not be written
+        event(tenant, 1, "click", at(0), 1),
         {"event_id": "e-2", "tenant": tenant, "ts": at(0)},
         event(tenant, 3, "click", "yesterday", "12,5"),  # type: ignore[arg-type]
     ]
     answer = http.post("/v1/events", json=batch)
-    assert answer.status_code == 422
+    assert answer.status_code == 202
     body = answer.json()
-    assert "nothing was written" in body["error"]
+    assert (body["accepted"], body["rejected"]) == (1, 2)
     assert [(e["index"], e["field"]) for e in body["errors"]] == [
         (1, "type"),
         (2, "ts"),
         (2, "value"),
     ]
-    assert raw_offsets(stack) == before
-    assert metric(http, tenant, "click")["total"]["count"] == 0
+    assert sum(raw_offsets(stack).values()) == sum(before.values()) + 1
+    dead = read_from(stack, stack.kafka.dlq_topic, dlq_before, 2)
+    assert sorted(orjson.loads(d.value())["event_id"] for d in dead) == ["e-2", "e-3"]
+    clicks = eventually(lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 1)
+    assert clicks["total"]["count"] == 1
 
 
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
         (b"[" + b" " * (9 * 1024 * 1024) + b"]", "application/json", 413, "over the limit"),
-        (b'{"not": "an array"}', "application/json", 422, "JSON array"),
-        (b"event_id,tenant\n1,a\n", "text/csv", 415, "application/json"),
+        (b'{"not": "an array"}', "application/json", 422, "rejected"),
+        (b"<events/>", "application/xml", 415, "application/json"),
         (b"", "application/json", 400, "malformed JSON"),
         (b"[1e999]", "application/json", 400, "malformed JSON"),
         (b'[{"event_id": "\xff\xfe"}]', "application/json", 400, "malformed JSON"),

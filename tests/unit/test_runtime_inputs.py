@@ -6,6 +6,7 @@ from typing import Any
 
 from actors.partition_worker import WorkerConfig
 from actors.runtime_inputs import RuntimeInputs
+from adapters.exceptions import StoreUnavailable
 from core.batch import Runtime
 from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment
@@ -113,3 +114,49 @@ def test_rules_reload_and_bad_ones_are_reported() -> None:
     assert "rule 'b'" in errors[0]
     unchanged, errors = inputs.refresh(runtime, 1200)
     assert (unchanged.rules_version, errors) == (2, None)
+
+
+class FakeCdcPositions:
+    """Stands in for ``adapters.redis.CdcPositions.read``: the LSN of each captured table."""
+
+    def __init__(self) -> None:
+        self.lsn: dict[str, str] = {}
+        self.reads = 0
+
+    def __call__(self, tables: Any) -> list[str | None]:
+        self.reads += 1
+        return [self.lsn.get(t) for t in tables]
+
+
+def test_a_cdc_change_reloads_its_dimension_before_the_ttl() -> None:
+    meta, positions = FakeMetadata(), FakeCdcPositions()
+    meta.devices = {"d1": "paris"}
+    positions.lsn["public.dim"] = "100"
+    inputs = RuntimeInputs(config(), meta, positions)  # type: ignore[arg-type]
+    runtime, _ = inputs.refresh(Runtime(), 0, force=True)
+    assert (sites(runtime), meta.loads) == ({"d1": "paris"}, 1)
+    meta.devices["d1"] = "nice"
+    runtime, _ = inputs.refresh(runtime, 250)  # TTL 1000 ms, position unchanged: kept
+    assert sites(runtime) == {"d1": "paris"}
+    positions.lsn["public.dim"] = "180"  # the applier stored the change
+    runtime, _ = inputs.refresh(runtime, 300)  # within 200 ms of the last read: not read
+    assert (sites(runtime), positions.reads) == ({"d1": "paris"}, 2)
+    runtime, _ = inputs.refresh(runtime, 450)
+    assert sites(runtime) == {"d1": "nice"}
+    assert (meta.loads, positions.reads) == (2, 3)
+    runtime, _ = inputs.refresh(runtime, 700)  # position read again, unchanged: no check
+    assert (meta.version_calls, meta.loads) == (2, 2)
+
+
+def test_unreadable_cdc_positions_fall_back_to_the_ttl() -> None:
+    meta = FakeMetadata()
+
+    def broken(tables: Any) -> list[str | None]:
+        raise StoreUnavailable("Redis is down")
+
+    inputs = RuntimeInputs(config(), meta, broken)  # type: ignore[arg-type]
+    runtime, errors = inputs.refresh(Runtime(), 0, force=True)
+    meta.devices["d1"] = "lyon"
+    runtime, errors = inputs.refresh(runtime, 1000)
+    assert sites(runtime) == {"d1": "lyon"}
+    assert errors is None

@@ -1,0 +1,243 @@
+"""Ingest throughput: the Serve app next to a bare Starlette app running the same handler.
+
+Both run :class:`serve_apps.edge.IngestEdge` (API key check, body parse, validation,
+produce to Kafka, wait for the acks) against the stack's Kafka, PostgreSQL and Redis,
+writing to a fresh topic that no worker reads. ``wrk`` drives each with the same
+requests from another process:
+
+* batched: ``POST /v1/events`` with N events per request (default 500);
+* single: one event per request.
+
+The reference is the same handler in a bare FastAPI/Starlette app under uvicorn (one
+process, no Ray), so the ratio shows what Serve's proxy and replica hop cost.
+Needs the stack (`rayline up`) and wrk (Debian package).
+
+Run: ``.venv/bin/python -m benchmarks.ingest --seconds 15``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import ray
+from ray import serve
+
+from adapters.kafka import TopicSpec, end_offsets, ensure_topics
+from adapters.sources import SourceCatalog
+from cluster.deploy import connected, edge_config
+from cluster.settings import Settings, load_settings
+
+BENCH_APP = "ingest-bench"
+BENCH_ROUTE = "/bench"
+PARTITIONS = 8
+
+
+def _batch(n: int, tenant: str) -> bytes:
+    now = time.time()
+    return orjson.dumps(
+        [
+            {
+                "event_id": f"b-{i}",
+                "tenant": tenant,
+                "type": "click",
+                "ts": now,
+                "entity": f"dev-{i % 1000}",
+                "value": i % 7,
+                "attributes": {"page": "/checkout", "country": "DE"},
+            }
+            for i in range(n)
+        ]
+    )
+
+
+def _wrk_script(folder: Path, body: bytes, key: str) -> Path:
+    body_file = folder / f"body-{len(body)}.json"
+    body_file.write_bytes(body)
+    script = folder / f"post-{len(body)}.lua"
+    script.write_text(
+        f'local f = io.open("{body_file}", "rb")\n'
+        "wrk.body = f:read('*a')\nf:close()\n"
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        "local statuses = {}\n"
+        "response = function(status, headers, body)\n"
+        "  statuses[status] = (statuses[status] or 0) + 1\n"
+        "end\n"
+    )
+    return script
+
+
+def wrk(url: str, script: Path, seconds: float, connections: int) -> dict[str, float]:
+    """Requests/s and non-2xx count of one wrk run."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{int(seconds)}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    latency = re.search(r"Latency\s+([\d.]+)(\w+)", out)
+    return {
+        "rps": rate,
+        "non_2xx": float(bad.group(1)) if bad else 0.0,
+        "latency": float(latency.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[latency.group(2)]
+        if latency
+        else 0.0,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _key(settings: Settings) -> str:
+    async def make() -> str:
+        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
+        try:
+            return await catalog.create_key("*", "ingest benchmark")
+        finally:
+            await catalog.close()
+
+    return asyncio.run(make())
+
+
+def _wait(url: str, key: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            answer = httpx.post(
+                url, content=_batch(1, "warmup"), headers={"authorization": f"Bearer {key}"}
+            )
+            if answer.status_code == 202:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer 202 within {timeout:.0f} s")
+
+
+def deploy_bench_app(settings: Settings, topic: str) -> str:
+    """The ingest deployment again, as its own Serve app writing to ``topic``."""
+    from serve_apps.ingest import IngestAPI
+
+    config = edge_config(settings)
+    config = dataclasses.replace(config, topic=topic, max_consumer_lag=0)
+    app = IngestAPI.options(  # type: ignore[attr-defined]
+        name="IngestBench",
+        max_ongoing_requests=settings.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config)
+    serve.run(app, name=BENCH_APP, route_prefix=BENCH_ROUTE, blocking=False)
+    return f"http://{settings.serve.host}:{settings.serve.port}{BENCH_ROUTE}/v1/events"
+
+
+def start_bare_app(topic: str, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "RAYLINE_BENCH_TOPIC": topic}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.bare_ingest:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=15, help="length of each wrk run")
+    parser.add_argument("--batch", type=int, default=500, help="events per batched request")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install wrk (or make setup)", file=sys.stderr)
+        return 1
+    settings = load_settings()
+    topic = f"bench.ingest.{uuid.uuid4().hex[:8]}"
+    ensure_topics(settings.kafka.bootstrap, [TopicSpec(topic, PARTITIONS)])
+    key = _key(settings)
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="rayline-bench-") as tmp:
+        folder = Path(tmp)
+        batched = _wrk_script(folder, _batch(args.batch, "bench"), key)
+        single = _wrk_script(folder, _batch(1, "bench"), key)
+        port = _free_port()
+        bare = start_bare_app(topic, port)
+        try:
+            bare_url = f"http://127.0.0.1:{port}/v1/events"
+            _wait(bare_url, key)
+            print("bare Starlette app under uvicorn ...", flush=True)
+            results["bare batched"] = wrk(bare_url, batched, args.seconds, args.connections)
+            results["bare single"] = wrk(bare_url, single, args.seconds, args.connections)
+        finally:
+            bare.terminate()
+            bare.wait(10)
+        with connected(settings):
+            serve_url = deploy_bench_app(settings, topic)
+            try:
+                _wait(serve_url, key)
+                print("Ray Serve app ...", flush=True)
+                results["serve batched"] = wrk(serve_url, batched, args.seconds, args.connections)
+                results["serve single"] = wrk(serve_url, single, args.seconds, args.connections)
+            finally:
+                serve.delete(BENCH_APP)
+                ray.shutdown()
+    stored = sum(end_offsets(settings.kafka.bootstrap, topic).values())
+    report(results, args.batch, stored)
+    return 0
+
+
+def report(results: dict[str, dict[str, Any]], batch: int, stored: int) -> None:
+    print()
+    print(f"{'':28}{'requests/s':>12}{'events/s':>12}{'latency avg':>14}{'non-2xx':>9}")
+    for name, r in results.items():
+        per = batch if "batched" in name else 1
+        print(
+            f"{name:28}{r['rps']:>12,.0f}{r['rps'] * per:>12,.0f}"
+            f"{r['latency']:>11,.1f} ms{r['non_2xx']:>9,.0f}"
+        )
+    for kind in ("batched", "single"):
+        ratio = results[f"serve {kind}"]["rps"] / results[f"bare {kind}"]["rps"]
+        print(f"{'ratio Serve / bare, ' + kind:28}{ratio:>12.2f}")
+    print(f"records in the bench topic after all runs: {stored:,}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Publish one uploaded file: read it from S3, validate every row, produce it to Kafka.
+
+Started by the uploads Serve app as a Ray task (:func:`start`); calling :func:`start`
+again with the same upload id retries a failed upload (a finished one is left alone).
+
+Design. The file is one object of up to many GB whose rows must be read in order (a
+CSV row can only be found by reading the rows before it), with a verdict per row. So
+one Ray task streams the object (``S3Store.open``: bounded read-ahead), splits it into
+records with ``core.formats.iter_records`` and works through them in batches of
+``batch_rows``: validate, produce the accepted envelopes to ``events.raw`` and the
+rejected rows to ``events.dlq``, wait for Kafka's acknowledgement of both, then write
+the counters to the ``uploads`` row. Memory holds one batch. Ray Data is not used:
+it has no streaming source for a single row-ordered file in Ray 2.60 (``read_csv``
+and friends parallelise over files or Parquet row groups and cannot give a per-row
+reject with its row number), and wrapping each batch in a Dataset would add
+scheduling cost to work that takes microseconds per row. Ray gives what matters
+here: the task runs on the cluster, near S3, with retries.
+
+Idempotence. A row's ``event_id`` comes from the file; a row without one gets
+``<upload id>-<row index>``, the same on every run. A retried run starts from the
+``rows_read`` counter, which is written only after Kafka acknowledged the batch, so at
+most one batch is published twice, with the same event ids: the partition workers'
+dedup on (source, event_id) drops the second copy.
+
+Tenancy. Every event of a file belongs to the uploader's tenant and comes from the
+upload's source: a row without ``tenant`` gets it, a row naming another tenant is
+rejected (a file cannot write into another tenant), ``source`` is always set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import orjson
+import ray
+
+from adapters.exceptions import Backpressure, StoreUnavailable
+from adapters.kafka import AsyncBatchProducer, Headers
+from adapters.s3 import S3Config, S3Store
+from adapters.source_stats import SourceStats
+from adapters.sources import SourceCatalog
+from adapters.uploads import Upload, UploadTable
+from core.dead_letters import dead_letter_headers
+from core.envelope import ENVELOPE_SCHEMA, partition_key, validate_events
+from core.formats import RecordError, iter_records
+from core.source_mapping import apply_mapping, parse_mapping
+
+_SEND_ATTEMPTS = 30
+Record = tuple[bytes | None, bytes, Headers]
+Item: TypeAlias = "tuple[int, Any] | RecordError"
+
+
+@dataclass(frozen=True, slots=True)
+class UploadJobConfig:
+    """Everything the job needs, as plain data (it travels to the Ray worker)."""
+
+    s3: S3Config
+    dsn: str
+    bootstrap: str
+    raw_topic: str
+    dlq_topic: str
+    redis_url: str | None = None
+    batch_rows: int = 5000
+    linger_ms: int = 20
+
+
+@dataclass(slots=True)
+class Batch:
+    """One batch's verdicts: records for the raw topic and for the dead-letter topic."""
+
+    accepted: list[Record] = field(default_factory=list)
+    rejected: list[Record] = field(default_factory=list)
+
+
+def event_id_for(upload_id: str, index: int) -> str:
+    """The id of a row that has none: the same on every run of the same upload."""
+    return f"{upload_id}-{index}"
+
+
+def _stamp(record: Any, index: int, upload: Upload) -> tuple[Any, str | None]:
+    """The record with the upload's tenant, source and a default id; or why it cannot be."""
+    if not isinstance(record, dict):
+        return record, None  # validation names the type
+    tenant = record.get("tenant", upload.tenant)
+    if tenant != upload.tenant:
+        return record, (
+            f"tenant: row names tenant {tenant!r}, but the file was uploaded by tenant "
+            f"{upload.tenant!r}; remove the column or upload with that tenant's key"
+        )
+    stamped = dict(record)
+    stamped["tenant"] = upload.tenant
+    stamped["source"] = upload.source
+    stamped.setdefault("event_id", event_id_for(upload.id, index))
+    return stamped, None
+
+
+def _raw_bytes(record: Any) -> bytes:
+    return orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _dead_letter(upload: Upload, index: int, reason: str, value: bytes, at_ms: int) -> Record:
+    headers: Headers = [
+        *dead_letter_headers(
+            "upload",
+            reason,
+            at_ms,
+            source=upload.source,
+            upload=upload.id,
+            index=index,
+            tenant=upload.tenant,
+        )
+    ]
+    return None, value, headers
+
+
+def split_batch(
+    items: Iterable[Item],
+    upload: Upload,
+    received_at_ms: int,
+    mapping: Any = None,
+) -> Batch:
+    """Validate one batch of rows; every row ends in exactly one of the two lists.
+
+    Args:
+        items: ``(row index, record)`` pairs and ``RecordError`` values from the parser.
+        upload: the upload the rows belong to (tenant, source, id).
+        received_at_ms: the batch's ``received_at``.
+        mapping: a parsed ``core.source_mapping`` mapping, or None when the rows are
+            envelopes already.
+    """
+    batch = Batch()
+    candidates: list[tuple[int, Any]] = []
+    for item in items:
+        if isinstance(item, RecordError):
+            batch.rejected.append(
+                _dead_letter(upload, item.index, item.message, item.raw, received_at_ms)
+            )
+            continue
+        index, record = item
+        if mapping is not None:
+            record, problems = _map(mapping, record, received_at_ms)
+            if problems:
+                reason = "mapping: " + "; ".join(problems)
+                batch.rejected.append(
+                    _dead_letter(upload, index, reason, _raw_bytes(item[1]), received_at_ms)
+                )
+                continue
+        stamped, problem = _stamp(record, index, upload)
+        if problem is not None:
+            batch.rejected.append(
+                _dead_letter(upload, index, problem, _raw_bytes(record), received_at_ms)
+            )
+            continue
+        candidates.append((index, stamped))
+    _validate_into(batch, candidates, upload, received_at_ms)
+    return batch
+
+
+def _map(mapping: Any, record: Any, received_at_ms: int) -> tuple[Any, list[str]]:
+    event, problems = apply_mapping(mapping, record, headers={}, received_at_ms=received_at_ms)
+    return event, list(problems)
+
+
+def _validate_into(
+    batch: Batch, candidates: list[tuple[int, Any]], upload: Upload, received_at_ms: int
+) -> None:
+    envelopes, errors = validate_events(
+        [record for _, record in candidates],
+        default_source=upload.source,
+        received_at_ms=received_at_ms,
+    )
+    problems: dict[int, list[str]] = {}
+    for error in errors:
+        assert error.index is not None  # a list was validated: every error has its event
+        where = f"{error.field}: " if error.field else ""
+        problems.setdefault(error.index, []).append(where + error.message)
+    accepted = iter(envelopes)
+    headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("origin.upload", upload.id.encode())]
+    for position, (index, record) in enumerate(candidates):
+        if position in problems:
+            reason = "; ".join(problems[position])
+            batch.rejected.append(
+                _dead_letter(upload, index, reason, _raw_bytes(record), received_at_ms)
+            )
+        else:
+            envelope = next(accepted)
+            batch.accepted.append((partition_key(envelope), orjson.dumps(envelope), headers))
+
+
+def batches(items: Iterator[Item], size: int, skip: int = 0) -> Iterator[list[Item]]:
+    """Groups of ``size`` items, after dropping the first ``skip`` (already published)."""
+    for _ in range(skip):
+        if next(items, None) is None:
+            return
+    while True:
+        group: list[Item] = []
+        for item in items:
+            group.append(item)
+            if len(group) >= size:
+                break
+        if not group:
+            return
+        yield group
+
+
+class _Job:
+    def __init__(self, config: UploadJobConfig) -> None:
+        self.config = config
+        self.table = UploadTable(config.dsn, max_size=1)
+        self.catalog = SourceCatalog(config.dsn, max_size=1)
+        self.store = S3Store(config.s3)
+        self.stats = SourceStats(config.redis_url) if config.redis_url else None
+
+    async def run(self, upload_id: str) -> dict[str, Any]:
+        upload = await self.table.start(upload_id)
+        if upload is None:
+            done = await self.table.get(upload_id)
+            if done is None:
+                raise ValueError(f"upload {upload_id!r} does not exist")
+            return done.as_dict()  # published already: a repeated run does nothing
+        try:
+            await self._publish(upload)
+        except Exception as exc:
+            await self.table.finish(upload_id, error=f"{type(exc).__name__}: {exc}")
+            self._record(upload.source, error=str(exc))
+            raise
+        await self.table.finish(upload_id)
+        final = await self.table.get(upload_id)
+        assert final is not None
+        return final.as_dict()
+
+    async def _publish(self, upload: Upload) -> None:
+        mapping, csv_schema = await self._source_rules(upload)
+        producer = AsyncBatchProducer(
+            self.config.bootstrap,
+            linger_ms=self.config.linger_ms,
+            queue_max_messages=max(100_000, 4 * self.config.batch_rows),
+        )
+        read, accepted, rejected = upload.rows_read, upload.rows_accepted, upload.rows_rejected
+        try:
+            seekable = upload.format == "parquet"  # Parquet reads its footer first
+            with self.store.open(upload.object_key, seekable=seekable) as stream:
+                items = iter_records(upload.format, stream, csv_schema=csv_schema)
+                for group in batches(items, self.config.batch_rows, skip=read):
+                    now_ms = int(time.time() * 1000)
+                    batch = split_batch(group, upload, now_ms, mapping)
+                    await self._send(producer, batch)
+                    read += len(group)
+                    accepted += len(batch.accepted)
+                    rejected += len(batch.rejected)
+                    await self.table.progress(upload.id, read, accepted, rejected)
+                    self._record(upload.source, len(batch.accepted), len(batch.rejected))
+        finally:
+            producer.close(5)
+
+    async def _source_rules(self, upload: Upload) -> tuple[Any, Any]:
+        """The source's payload mapping (None: rows are envelopes) and, for CSV, the
+        Avro schema of its subject that types the cells (None: cells stay strings)."""
+        source = await self.catalog.source(upload.source)
+        if source is None:
+            return None, None
+        mapping = parse_mapping(source.mapping) if source.mapping else None
+        csv_schema = None
+        if upload.format == "csv" and source.schema_subject:
+            found = await self.catalog.latest_schema(source.schema_subject)
+            csv_schema = None if found is None else orjson.loads(found[1])
+        return mapping, csv_schema
+
+    async def _send(self, producer: AsyncBatchProducer, batch: Batch) -> None:
+        for topic, records in (
+            (self.config.raw_topic, batch.accepted),
+            (self.config.dlq_topic, batch.rejected),
+        ):
+            for attempt in range(_SEND_ATTEMPTS):
+                try:
+                    await producer.send(topic, records)
+                    break
+                except Backpressure as exc:
+                    # `send` enqueues all records or none, so a repeat sends no copy.
+                    if attempt == _SEND_ATTEMPTS - 1:
+                        raise StoreUnavailable(
+                            f"Kafka's producer queue stayed full for {_SEND_ATTEMPTS} "
+                            f"attempts while publishing to {topic!r}: {exc}"
+                        ) from exc
+                    await asyncio.sleep(exc.retry_after)
+
+    def _record(
+        self, source: str, accepted: int = 0, rejected: int = 0, error: str | None = None
+    ) -> None:
+        if self.stats is not None:
+            self.stats.record(
+                source,
+                now_ms=int(time.time() * 1000),
+                accepted=accepted,
+                rejected=rejected,
+                errors=1 if error else 0,
+                error=error,
+            )
+
+    async def close(self) -> None:
+        await self.table.close()
+        await self.catalog.close()
+        if self.stats is not None:
+            self.stats.close()
+
+
+def publish_upload(config: UploadJobConfig, upload_id: str) -> dict[str, Any]:
+    """Publish the upload's rows; return its final ``uploads`` row as a dict.
+
+    Raises:
+        StoreUnavailable: S3, Kafka or PostgreSQL failed; the row says ``failed`` and a
+            retry resumes after the last acknowledged batch.
+    """
+
+    async def main() -> dict[str, Any]:
+        job = _Job(config)
+        try:
+            return await job.run(upload_id)
+        finally:
+            await job.close()
+
+    return asyncio.run(main())
+
+
+# Retried on store outages only: a bad file fails the same way every time.
+_remote_publish = ray.remote(  # type: ignore[call-overload]
+    num_cpus=1, max_retries=3, retry_exceptions=[StoreUnavailable]
+)(publish_upload)
+
+
+def start(config: UploadJobConfig, upload_id: str) -> ray.ObjectRef[dict[str, Any]]:
+    """Start the job on the Ray cluster this process is connected to."""
+    ref: ray.ObjectRef[dict[str, Any]] = _remote_publish.remote(config, upload_id)
+    return ref

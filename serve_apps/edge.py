@@ -1,0 +1,517 @@
+"""The ingest edge: what ``POST /v1/events`` and the webhook endpoint do with a request.
+
+Independent of Ray Serve (it takes a Starlette request and gives an :class:`Answer`),
+so the same handler runs in the Serve app and, for the benchmark's reference, in a
+bare Starlette app under uvicorn.
+
+One request, in order (the first failing step answers, and nothing is written):
+
+1. who: a tenant API key (401 missing or unknown, 403 revoked or another tenant's), or
+   for an HMAC source its signature over the raw body (401, with the reason: missing,
+   malformed, mismatch, stale);
+2. backpressure: consumer lag of the raw topic over the limit → 503 + ``Retry-After``;
+3. the body: over the size limit → 413; unknown content type → 415; a body that does
+   not parse as a whole → 400;
+4. rate limits: the tenant's and the source's token buckets (Redis, shared by every
+   replica) → 429 + ``Retry-After``;
+5. a webhook delivery id seen before → 200 ``{"duplicate": true}`` and nothing applied;
+6. each record: mapped to an envelope, validated, checked against the registry schema
+   of its ``<source>.<type>`` subject. Records that fail go to ``events.dlq``; the
+   others go to ``events.raw`` (Avro in the Confluent wire format when a schema
+   applies, JSON otherwise);
+7. the answer, only after Kafka acknowledged every record of both topics: 202 with
+   the counts and each rejected record's index, field and reason (422 when every record
+   was rejected); 503 + ``Retry-After`` when the producer's queue is full or Kafka
+   does not acknowledge (the sender retries; nothing was acknowledged).
+
+A 4xx for the whole request means nothing of it was taken: the sender still holds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import orjson
+from fastapi import Request
+
+from adapters.exceptions import Backpressure, StoreUnavailable
+from adapters.kafka import AsyncBatchProducer, Headers, consumer_lag
+from adapters.rate_limits import Bucket, RateLimiter
+from adapters.redis import DeliveryLog
+from adapters.source_stats import AsyncSourceStats
+from adapters.sources import Source, SourceCatalog
+from core import avro, formats, signatures
+from core.dead_letters import dead_letter_headers
+from core.envelope import ENVELOPE_SCHEMA, FieldError, partition_key, validate_events
+from core.source_mapping import apply_mapping, parse_mapping
+from serve_apps.auth import ApiKeys, AuthFailed
+from serve_apps.http import BodyTooLarge, read_body
+from serve_apps.schemas import AsyncSchemas
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+ALL_TENANTS = "*"  # a platform key may write events of any tenant
+_CACHE_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    bootstrap: str
+    topic: str
+    dlq_topic: str
+    consumer_group: str
+    dsn: str
+    redis_url: str
+    linger_ms: int = 5
+    queue_max_messages: int = 200_000
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_events_per_request: int = 10_000
+    default_source: str = "api"
+    signature_tolerance_s: int = 300
+    delivery_ttl_s: int = 86_400
+    tenant_rate: float = 200_000
+    tenant_burst: int = 400_000
+    source_rate: float = 100_000
+    source_burst: int = 200_000
+    max_consumer_lag: int = 5_000_000
+    lag_check_s: float = 2.0
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+    retry_after: float | None = None
+
+    @classmethod
+    def error(
+        cls, status: int, message: str, retry_after: float | None = None, **extra: Any
+    ) -> Answer:
+        return cls(status, {"error": message, **extra}, retry_after)
+
+
+class _Reject(Exception):
+    """Ends a request early with an answer."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(answer.body.get("error"))
+        self.answer = answer
+
+
+class TtlCache(Generic[K, V]):
+    """Values loaded on a miss and kept ``ttl`` seconds (misses too)."""
+
+    def __init__(self, loader: Callable[[K], Awaitable[V]], ttl: float = _CACHE_SECONDS) -> None:
+        self._loader = loader
+        self._ttl = ttl
+        self._entries: dict[K, tuple[V, float]] = {}
+
+    async def get(self, key: K) -> V:
+        now = time.monotonic()
+        hit = self._entries.get(key)
+        if hit is not None and now - hit[1] < self._ttl:
+            return hit[0]
+        value = await self._loader(key)
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[key] = (value, now)
+        return value
+
+
+class LagWatch:
+    """The raw topic's consumer lag, re-read in the background every few seconds."""
+
+    def __init__(self, config: EdgeConfig) -> None:
+        self._config = config
+        self.lag = 0
+        self.errors = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None and self._config.max_consumer_lag > 0:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        cfg = self._config
+        while True:
+            try:
+                self.lag = await asyncio.to_thread(
+                    consumer_lag, cfg.bootstrap, cfg.topic, cfg.consumer_group
+                )
+            except StoreUnavailable:
+                self.errors += 1  # the producer reports a dead broker on its own
+            await asyncio.sleep(cfg.lag_check_s)
+
+    def over(self) -> bool:
+        return 0 < self._config.max_consumer_lag < self.lag
+
+
+def _traceparent(incoming: str | None) -> bytes:
+    """Keep the caller's W3C trace context, or start a new trace."""
+    if incoming and len(incoming) == 55 and incoming.count("-") == 3:
+        return incoming.encode()
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01".encode()
+
+
+@dataclass
+class _Batch:
+    """The records of one request on their way to Kafka."""
+
+    raw: list[tuple[bytes | None, bytes, Headers]] = field(default_factory=list)
+    dead: list[tuple[bytes | None, bytes, Headers]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+class IngestEdge:
+    """Handles ingest requests; one per replica (or per bare app)."""
+
+    def __init__(self, config: EdgeConfig, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._producer = AsyncBatchProducer(
+            config.bootstrap,
+            linger_ms=config.linger_ms,
+            queue_max_messages=config.queue_max_messages,
+        )
+        self._catalog = SourceCatalog(config.dsn)
+        self._keys = ApiKeys(config.dsn, self._catalog)
+        self._limits = RateLimiter(config.redis_url)
+        self._deliveries = DeliveryLog(config.redis_url, config.delivery_ttl_s)
+        self._stats = AsyncSourceStats(config.redis_url)
+        self._lag = LagWatch(config)
+        self._sources = TtlCache(self._catalog.source)
+        self._schemas = AsyncSchemas(self._catalog)
+
+    def queued(self) -> int:
+        return self._producer.queued()
+
+    def close(self) -> None:
+        self._producer.close(5)
+
+    # Endpoints -------------------------------------------------------------------
+
+    async def events(self, request: Request) -> Answer:
+        """``POST /v1/events``: envelopes (JSON array, NDJSON, CSV, Avro) of one tenant."""
+        cfg = self._config
+        try:
+            tenant = await self._tenant(request, None)
+            self._backpressure()
+            fmt, body = await self._body(request)
+            decoded = await self._decode(fmt, body)
+            records = self._own(decoded, tenant)
+            await self._limit(tenant, None, len(decoded.records) + len(decoded.errors))
+            batch = await self._build(decoded, records, cfg.default_source, request)
+            return await self._send(batch, cfg.default_source)
+        except _Reject as stop:
+            return stop.answer
+
+    async def webhook(self, name: str, request: Request) -> Answer:
+        """``POST /v1/sources/{name}/webhook``: a third party's payload, mapped."""
+        try:
+            source = await self._source(name)
+            signed = source.auth == "hmac"
+            # An HMAC source has a fixed tenant (checked when it is added).
+            tenant = (source.tenant or "") if signed else await self._tenant(request, source)
+            self._backpressure()
+            fmt, body = await self._body(request)
+            delivery = self._verify(source, request, body).delivery_id if signed else None
+            decoded = await self._decode(fmt, body, source)
+            mapped = self._map(source, decoded, request, source.tenant or tenant)
+            await self._limit(tenant, source, len(decoded.records) + len(decoded.errors))
+            if delivery is not None and not await self._claim(source.name, delivery):
+                return Answer(200, {"accepted": 0, "duplicate": True, "delivery": delivery})
+            try:
+                batch = await self._build(decoded, mapped, source.name, request)
+                answer = await self._send(batch, source.name)
+            except BaseException:
+                if delivery is not None:
+                    await self._deliveries.release(source.name, delivery)
+                raise
+            if delivery is not None and answer.status >= 500:
+                # Kafka did not take it: the sender's retry must be applied.
+                await self._deliveries.release(source.name, delivery)
+            return answer
+        except _Reject as stop:
+            return stop.answer
+
+    # Steps -----------------------------------------------------------------------
+
+    async def _tenant(self, request: Request, source: Source | None) -> str:
+        try:
+            tenant = await self._keys.tenant_for(request)
+        except AuthFailed as exc:
+            raise _Reject(Answer.error(exc.status, str(exc))) from None
+        except StoreUnavailable as exc:
+            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+        if source is not None and source.tenant is not None and tenant not in (
+            source.tenant,
+            ALL_TENANTS,
+        ):
+            raise _Reject(
+                Answer.error(
+                    403,
+                    f"this key belongs to tenant {tenant!r}; source {source.name!r} takes "
+                    f"events of tenant {source.tenant!r} only",
+                )
+            )
+        return tenant
+
+    async def _source(self, name: str) -> Source:
+        try:
+            source = await self._sources.get(name)
+        except StoreUnavailable as exc:
+            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+        if source is None or not source.enabled or source.kind not in ("webhook", "api"):
+            raise _Reject(
+                Answer.error(
+                    404,
+                    f"no webhook source named {name!r}: add it with "
+                    f"`rayline sources add {name[:64]} --kind webhook ...`",
+                )
+            )
+        return source
+
+    def _verify(self, source: Source, request: Request, body: bytes) -> signatures.Verified:
+        try:
+            return signatures.verify(
+                source.scheme or "",
+                source.secrets,
+                request.headers,
+                body,
+                now_s=self._clock(),
+                tolerance_s=self._config.signature_tolerance_s,
+            )
+        except signatures.SignatureRejected as exc:
+            raise _Reject(Answer.error(401, str(exc), reason=exc.reason)) from None
+
+    def _backpressure(self) -> None:
+        self._lag.start()
+        if self._lag.over():
+            raise _Reject(
+                Answer.error(
+                    503,
+                    f"the pipeline is {self._lag.lag} events behind (limit "
+                    f"{self._config.max_consumer_lag}); retry later",
+                    retry_after=max(1.0, self._config.lag_check_s),
+                )
+            )
+
+    async def _body(self, request: Request) -> tuple[str, bytes]:
+        content_type = request.headers.get("content-type", "application/json")
+        try:
+            fmt = formats.format_of(content_type)
+        except formats.UnsupportedFormat as exc:
+            raise _Reject(Answer.error(415, str(exc))) from None
+        if fmt in ("avro-container", "parquet"):
+            raise _Reject(
+                Answer.error(415, f"{fmt} files go to POST /v1/uploads, not to this endpoint")
+            )
+        try:
+            return fmt, await read_body(request, self._config.max_body_bytes)
+        except BodyTooLarge as exc:
+            raise _Reject(Answer.error(413, str(exc))) from None
+
+    async def _decode(
+        self, fmt: str, body: bytes, source: Source | None = None
+    ) -> formats.Decoded:
+        csv_schema = None
+        if fmt == "csv" and source is not None and source.schema_subject:
+            csv_schema = await self._schemas.latest_json(source.schema_subject)
+        by_id = await self._schemas.ids_in(fmt, body)
+        try:
+            decoded = formats.decode_body(
+                fmt,
+                body,
+                csv_schema=csv_schema,
+                avro_schema_for_id=by_id.get,
+                max_records=self._config.max_events_per_request,
+            )
+        except formats.BodyMalformed as exc:
+            limit = self._config.max_events_per_request
+            status = 413 if "limit" in str(exc) and str(limit) in str(exc) else 400
+            raise _Reject(Answer.error(status, str(exc))) from None
+        return decoded
+
+    def _own(self, decoded: formats.Decoded, tenant: str) -> list[tuple[int, Any]]:
+        """The records, each with the key's tenant; another tenant's record ends the
+        request with 403 (a key writes its own tenant's events only)."""
+        if tenant == ALL_TENANTS:
+            return decoded.records
+        for index, record in decoded.records:
+            if isinstance(record, dict):
+                named = record.get("tenant", tenant)
+                if named != tenant:
+                    raise _Reject(
+                        Answer.error(
+                            403,
+                            f"event {index} is of tenant {named!r} but the key belongs to "
+                            f"tenant {tenant!r}; nothing was written",
+                        )
+                    )
+                if "tenant" not in record:
+                    record["tenant"] = tenant
+        return decoded.records
+
+    def _map(
+        self, source: Source, decoded: formats.Decoded, request: Request, tenant: str
+    ) -> list[tuple[int, Any]]:
+        """Third-party payloads as raw envelopes; a mapping problem rejects the record."""
+        mapping = parse_mapping(source.mapping)
+        received = int(self._clock() * 1000)
+        out: list[tuple[int, Any]] = []
+        for index, payload in decoded.records:
+            raw, problems = apply_mapping(
+                mapping, payload, headers=request.headers, received_at_ms=received
+            )
+            if problems:
+                decoded.errors.append(
+                    formats.RecordError(index, "; ".join(problems), orjson.dumps(payload))
+                )
+                continue
+            if tenant != ALL_TENANTS:
+                raw["tenant"] = tenant  # a source writes its own tenant's events only
+            raw["source"] = source.name
+            out.append((index, raw))
+        return out
+
+    async def _limit(self, tenant: str, source: Source | None, cost: int) -> None:
+        cfg = self._config
+        buckets = []
+        if tenant != ALL_TENANTS:
+            buckets.append(Bucket(f"tenant:{tenant}", cfg.tenant_rate, cfg.tenant_burst))
+        if source is not None:
+            buckets.append(
+                Bucket(
+                    f"source:{source.name}",
+                    source.events_per_second or cfg.source_rate,
+                    source.burst or cfg.source_burst,
+                )
+            )
+        try:
+            decision = await self._limits.take(buckets, cost)
+        except StoreUnavailable as exc:
+            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+        if not decision.allowed:
+            if decision.never:
+                raise _Reject(Answer.error(413, decision.describe(cost)))
+            raise _Reject(
+                Answer.error(
+                    429, decision.describe(cost), retry_after=max(1.0, decision.retry_after_s)
+                )
+            )
+
+    async def _claim(self, source: str, delivery: str) -> bool:
+        try:
+            return await self._deliveries.claim(source, delivery)
+        except StoreUnavailable as exc:
+            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+
+    async def _build(
+        self,
+        decoded: formats.Decoded,
+        records: list[tuple[int, Any]],
+        source: str,
+        request: Request,
+    ) -> _Batch:
+        received = int(self._clock() * 1000)
+        batch = _Batch()
+        for error in decoded.errors:
+            self._reject(batch, source, error.index, [("", error.message)], error.raw, received)
+        items = [record for _, record in records]
+        envelopes, problems = validate_events(
+            items, default_source=source, received_at_ms=received
+        )
+        bad = _group(problems)
+        trace = _traceparent(request.headers.get("traceparent"))
+        good = iter(envelopes)
+        for position, (index, record) in enumerate(records):
+            if position in bad:
+                found = [(p.field, p.message) for p in bad[position]]
+                self._reject(batch, source, index, found, _raw(record), received)
+                continue
+            envelope = next(good)
+            encoded = await self._encode(envelope)
+            if isinstance(encoded, str):
+                self._reject(batch, source, index, [("", encoded)], _raw(record), received)
+                continue
+            value, schema_headers = encoded
+            headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
+            batch.raw.append((partition_key(envelope), value, headers + schema_headers))
+        return batch
+
+    async def _encode(self, envelope: dict[str, Any]) -> tuple[bytes, Headers] | str:
+        """The record's bytes: Avro (wire format) when its subject has a schema, else
+        JSON; or the reason it does not fit that schema."""
+        subject = avro.subject_for(envelope["source"], envelope["type"])
+        try:
+            schema = await self._schemas.latest(subject)
+        except StoreUnavailable as exc:
+            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+        if schema is None:
+            return orjson.dumps(envelope), []
+        schema_id, parsed = schema
+        try:
+            value = avro.encode(envelope, schema_id, parsed)
+        except avro.AvroError as exc:
+            return str(exc)
+        return value, [("schema.subject", subject.encode()), ("schema.id", str(schema_id).encode())]
+
+    def _reject(
+        self,
+        batch: _Batch,
+        source: str,
+        index: int,
+        problems: list[tuple[str, str]],
+        raw: bytes,
+        received: int,
+    ) -> None:
+        """One dead letter for the record, and one error entry per problem of it."""
+        batch.errors += [{"index": index, "field": f, "message": m} for f, m in problems]
+        reason = "; ".join(f"field '{f}' {m}" if f else m for f, m in problems)
+        headers = dead_letter_headers("ingest", reason, received, source=source, index=index)
+        batch.dead.append((None, raw, list(headers)))
+
+    async def _send(self, batch: _Batch, source: str) -> Answer:
+        cfg = self._config
+        now_ms = int(self._clock() * 1000)
+        try:
+            await asyncio.gather(
+                self._producer.send(cfg.topic, batch.raw),
+                self._producer.send(cfg.dlq_topic, batch.dead),
+            )
+        except Backpressure as exc:
+            await self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
+            return Answer.error(503, str(exc), retry_after=exc.retry_after)
+        except StoreUnavailable as exc:
+            await self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
+            return Answer.error(503, str(exc), retry_after=5)
+        accepted, rejected = len(batch.raw), len(batch.dead)
+        await self._stats.record(source, now_ms=now_ms, accepted=accepted, rejected=rejected)
+        body: dict[str, Any] = {"accepted": accepted, "rejected": rejected}
+        if batch.errors:
+            body["errors"] = sorted(batch.errors, key=lambda e: int(e["index"]))
+            body["dead_letters"] = cfg.dlq_topic
+        if accepted == 0 and rejected > 0:
+            body["error"] = f"every one of the {rejected} records was rejected; see errors"
+            return Answer(422, body)
+        return Answer(202, body)
+
+
+def _group(problems: list[FieldError]) -> dict[int, list[FieldError]]:
+    out: dict[int, list[FieldError]] = {}
+    for problem in problems:
+        out.setdefault(problem.index if problem.index is not None else -1, []).append(problem)
+    return out
+
+
+def _raw(record: Any) -> bytes:
+    with contextlib.suppress(TypeError):
+        return orjson.dumps(record)
+    return repr(record).encode()
