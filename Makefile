@@ -49,9 +49,11 @@ integration: setup  ## tests against the real local stack (started and stopped h
 
 test: lint unit integration  ## everything CI runs
 
-bench: setup  ## throughput next to a bare Kafka consumer, latency and memory under load (stack started and stopped)
+bench: setup  ## processing next to a bare Kafka consumer, latency and memory under load, ingest next to bare Starlette (stack started and stopped)
 	$(BIN)/rayline up >/dev/null
-	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000}; status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
+	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000} \
+	  && $(BIN)/python -m benchmarks.ingest --seconds $${INGEST_SECONDS:-15}; \
+	  status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
 
 docs: setup  ## regenerate docs/configuration.md from the settings object
 	$(BIN)/rayline config --describe --markdown > docs/configuration.md.tmp

@@ -343,3 +343,11 @@ class MqttBridgeActor:
         """Finish the batch in flight and stop (its messages stay unacknowledged)."""
         self._stop.set()
         self._thread.join(timeout=30)
+
+    def start(self) -> None:
+        """Run again after :meth:`stop`, on the same broker session."""
+        if self._thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mqtt-bridge", daemon=True)
+        self._thread.start()

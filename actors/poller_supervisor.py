@@ -139,6 +139,7 @@ class PollerSupervisor:
         self._status: dict[str, SourceStatus] = {}
         self._invalid: dict[str, tuple[Source, str]] = {}
         self._closing = threading.Event()
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._refresh_loop, name="poll-supervisor")
@@ -156,7 +157,7 @@ class PollerSupervisor:
     def refresh(self) -> None:
         """Read the poll sources once and start, restart or stop runners to match."""
         sources = self._loop.run_until_complete(self._catalog.sources("poll"))
-        wanted = {s.name: s for s in sources if s.enabled}
+        wanted = {} if self._paused.is_set() else {s.name: s for s in sources if s.enabled}
         with self._lock:
             self._retired = [r for r in self._retired if r.thread.is_alive()]
             for name, runner in list(self._runners.items()):
@@ -216,6 +217,23 @@ class PollerSupervisor:
                 }
                 for name, s in sorted(self._status.items())
             }
+
+    def pause(self, timeout: float = 60.0) -> bool:
+        """Stop polling until :meth:`resume`: the next refresh retires every runner (each
+        finishes its page). True once none is left within ``timeout`` seconds."""
+        self._paused.set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                busy = bool(self._runners) or any(r.thread.is_alive() for r in self._retired)
+            if not busy:
+                return True
+            time.sleep(0.2)
+        return False
+
+    def resume(self) -> None:
+        """Poll again from the next refresh on, each source from its saved cursor."""
+        self._paused.clear()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop every runner (each finishes its current page) and release connections."""

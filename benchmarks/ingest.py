@@ -6,7 +6,9 @@ writing to a fresh topic that no worker reads. ``wrk`` drives each with the same
 requests from another process:
 
 * batched: ``POST /v1/events`` with N events per request (default 500);
-* single: one event per request.
+* single: one event per request;
+* webhook batched: a GitHub-signed ``POST /v1/sources/{s}/webhook`` of N payloads,
+  each mapped to an event (signature check, replay-id claim in Redis, mapping).
 
 The reference is the same handler in a bare FastAPI/Starlette app under uvicorn (one
 process, no Ray), so the ratio shows what Serve's proxy and replica hop cost.
@@ -38,9 +40,10 @@ import ray
 from ray import serve
 
 from adapters.kafka import TopicSpec, end_offsets, ensure_topics
-from adapters.sources import SourceCatalog
+from adapters.sources import Source, SourceCatalog
 from cluster.deploy import connected, edge_config
 from cluster.settings import Settings, load_settings
+from core import signatures
 
 BENCH_APP = "ingest-bench"
 BENCH_ROUTE = "/bench"
@@ -81,6 +84,62 @@ def _wrk_script(folder: Path, body: bytes, key: str) -> Path:
         "end\n"
     )
     return script
+
+
+def _webhook_script(folder: Path, body: bytes, signature: str) -> Path:
+    """A GitHub-signed delivery whose `X-GitHub-Delivery` differs on every request (the
+    signature covers the body only), so that no request is a replay."""
+    body_file = folder / "webhook.json"
+    body_file.write_bytes(body)
+    script = folder / "webhook.lua"
+    script.write_text(
+        f'local f = io.open("{body_file}", "rb")\n'
+        "local body = f:read('*a')\nf:close()\n"
+        "local n = 0\n"
+        "local id = tostring(math.random(1, 1000000000))\n"
+        "request = function()\n"
+        "  n = n + 1\n"
+        "  local headers = {}\n"
+        '  headers["Content-Type"] = "application/json"\n'
+        f'  headers["X-Hub-Signature-256"] = "{signature}"\n'
+        '  headers["X-GitHub-Delivery"] = id .. "-" .. n\n'
+        '  return wrk.format("POST", nil, headers, body)\n'
+        "end\n"
+    )
+    return script
+
+
+def _webhook_source(settings: Settings) -> tuple[str, str]:
+    """A GitHub-signed source mapping each array element to an event; (name, secret)."""
+    name = f"bench-gh-{uuid.uuid4().hex[:8]}"
+    secret = signatures.new_secret("github")
+    source = Source(
+        name=name,
+        kind="webhook",
+        tenant="bench",
+        auth="hmac",
+        scheme="github",
+        secrets=(secret,),
+        mapping={"event_id": "$.id", "type": "const:push", "ts": "now", "entity": "$.repo"},
+        events_per_second=1e9,
+        burst=1_000_000_000,
+    )
+
+    async def add() -> None:
+        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
+        try:
+            await catalog.add_source(source)
+        finally:
+            await catalog.close()
+
+    asyncio.run(add())
+    return name, secret
+
+
+def _deliveries(n: int) -> bytes:
+    return orjson.dumps(
+        [{"id": f"w-{i}", "repo": f"acme/r{i % 50}", "ref": "main"} for i in range(n)]
+    )
 
 
 def wrk(url: str, script: Path, seconds: float, connections: int) -> dict[str, float]:
@@ -198,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         batched = _wrk_script(folder, _batch(args.batch, "bench"), key)
         single = _wrk_script(folder, _batch(1, "bench"), key)
+        source, secret = _webhook_source(settings)
+        payload = _deliveries(args.batch)
+        signed = signatures.sign("github", secret, payload, now_s=time.time(), delivery_id="x")
+        hook = _webhook_script(folder, payload, signed["x-hub-signature-256"])
+        hook_path = f"/v1/sources/{source}/webhook"
         port = _free_port()
         bare = start_bare_app(topic, port)
         try:
@@ -206,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             print("bare Starlette app under uvicorn ...", flush=True)
             results["bare batched"] = wrk(bare_url, batched, args.seconds, args.connections)
             results["bare single"] = wrk(bare_url, single, args.seconds, args.connections)
+            results["bare webhook batched"] = wrk(
+                f"http://127.0.0.1:{port}{hook_path}", hook, args.seconds, args.connections
+            )
         finally:
             bare.terminate()
             bare.wait(10)
@@ -216,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                 print("Ray Serve app ...", flush=True)
                 results["serve batched"] = wrk(serve_url, batched, args.seconds, args.connections)
                 results["serve single"] = wrk(serve_url, single, args.seconds, args.connections)
+                results["serve webhook batched"] = wrk(
+                    serve_url.replace("/v1/events", hook_path), hook, args.seconds, args.connections
+                )
             finally:
                 serve.delete(BENCH_APP)
                 ray.shutdown()
@@ -233,7 +303,7 @@ def report(results: dict[str, dict[str, Any]], batch: int, stored: int) -> None:
             f"{name:28}{r['rps']:>12,.0f}{r['rps'] * per:>12,.0f}"
             f"{r['latency']:>11,.1f} ms{r['non_2xx']:>9,.0f}"
         )
-    for kind in ("batched", "single"):
+    for kind in ("batched", "single", "webhook batched"):
         ratio = results[f"serve {kind}"]["rps"] / results[f"bare {kind}"]["rps"]
         print(f"{'ratio Serve / bare, ' + kind:28}{ratio:>12.2f}")
     print(f"records in the bench topic after all runs: {stored:,}")

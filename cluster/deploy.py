@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -51,6 +52,9 @@ def connected(settings: Settings) -> Iterator[None]:
         yield
         return
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    # Ray turns token auth on by itself once ~/.ray/auth_token exists (any local
+    # `ray.init()` writes one); driver and head must agree, so the setting decides.
+    os.environ["RAY_AUTH_MODE"] = settings.ray.auth_mode
     ray.init(
         address=settings.ray.address,
         namespace=settings.ray.namespace,

@@ -121,6 +121,12 @@ class RaySettings(_Part):
     )
     object_store_mb: int = Field(1024, ge=128, description="Object store size of the local head.")
     namespace: str = Field("rayline", description="Ray namespace of Rayline's named actors.")
+    auth_mode: Literal["disabled", "token"] = Field(
+        "disabled",
+        description="Ray token authentication (RAY_AUTH_MODE) of the head `up` starts and of "
+        "Rayline's drivers. The local head listens on 127.0.0.1 only; use 'token' (with "
+        "RAY_AUTH_TOKEN or ~/.ray/auth_token) for a shared cluster.",
+    )
 
     @property
     def address(self) -> str:
@@ -141,6 +147,12 @@ class ServeSettings(_Part):
         256, ge=1, description="Concurrent requests per replica before Serve queues them."
     )
     default_source: str = Field("api", description="`source` of events that name none.")
+    throughput_optimized: bool = Field(
+        False,
+        description="Start the local Ray head with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's "
+        "throughput mode: no separate user-code thread, buffered request logs, gRPC between "
+        "deployments). See docs/benchmarks.md for what it changes here.",
+    )
 
 
 class IngestSettings(_Part):

@@ -269,7 +269,7 @@ class LocalStack:
         )
 
     def _ray_spec(self) -> ProcessSpec:
-        r = self.settings.ray
+        r, s = self.settings.ray, self.settings
         argv = [
             str(Path(sys.executable).parent / "ray"),
             "start",
@@ -299,7 +299,11 @@ class LocalStack:
             ports=[r.port, r.dashboard_port, r.client_port],
             ready=lambda: port_open(r.port, r.host) and port_open(r.dashboard_port, r.host),
             log_file=self.logs / "ray.log",
-            env={"RAY_USAGE_STATS_ENABLED": "0"},
+            env={
+                "RAY_USAGE_STATS_ENABLED": "0",
+                "RAY_AUTH_MODE": r.auth_mode,
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if s.serve.throughput_optimized else "0",
+            },
             start_timeout=120,
         )
 

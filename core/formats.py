@@ -120,6 +120,10 @@ class BodyMalformed(InvalidInputError):
     """The body as a whole cannot be used (HTTP 400)."""
 
 
+class TooManyRecords(BodyMalformed):
+    """The body holds more records than one request may (HTTP 413)."""
+
+
 @dataclass(frozen=True, slots=True)
 class RecordError:
     """One record that did not decode.
@@ -639,9 +643,9 @@ def decode_body(
     )
     for item in items:
         if len(records) + len(errors) >= max_records:
-            raise BodyMalformed(
-                f"body holds more than {max_records} records: split it into requests of at "
-                f"most {max_records} records, or upload it as a file"
+            raise TooManyRecords(
+                f"body holds more than {max_records} records, the limit is {max_records}: "
+                "split it into smaller requests, or upload it as a file"
             )
         if isinstance(item, RecordError):
             errors.append(item)

@@ -333,10 +333,10 @@ class IngestEdge:
                 avro_schema_for_id=by_id.get,
                 max_records=self._config.max_events_per_request,
             )
+        except formats.TooManyRecords as exc:
+            raise _Reject(Answer.error(413, str(exc))) from None
         except formats.BodyMalformed as exc:
-            limit = self._config.max_events_per_request
-            status = 413 if "limit" in str(exc) and str(limit) in str(exc) else 400
-            raise _Reject(Answer.error(status, str(exc))) from None
+            raise _Reject(Answer.error(400, str(exc))) from None
         return decoded
 
     def _own(self, decoded: formats.Decoded, tenant: str) -> list[tuple[int, Any]]:
@@ -460,7 +460,8 @@ class IngestEdge:
         try:
             value = avro.encode(envelope, schema_id, parsed)
         except avro.AvroError as exc:
-            return str(exc)
+            details = str(exc).split(": ", 1)[-1]
+            return f"schema '{subject}' (id {schema_id}) does not fit: {details}"
         return value, [("schema.subject", subject.encode()), ("schema.id", str(schema_id).encode())]
 
     def _reject(

@@ -5,11 +5,13 @@ and stopped at the end by `rayline down`. Tests isolate themselves by uuid tenan
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,9 +23,13 @@ import ray
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import end_offsets
+from cluster.processes import port_open
 from cluster.settings import Settings, load_settings
 
 RAYLINE = Path(sys.executable).parent / "rayline"
+# A local `ray.init()` in a test (uploads run their job on one) would otherwise write
+# ~/.ray/auth_token and switch every later driver to token auth, unlike the stack's head.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 T = TypeVar("T")
 
 
@@ -86,6 +92,37 @@ def services(settings: Settings) -> Iterator[Settings]:
     assert result.returncode == 0, f"rayline up failed:\n{result.stdout}\n{result.stderr}"
     yield settings
     rayline("down")
+
+
+@contextmanager
+def deployed_paused(
+    settings: Settings, name: str, pause: str = "pause", resume: str = "resume"
+) -> Iterator[None]:
+    """Pause a deployed source actor (the poller supervisor, the MQTT bridge) while a test
+    runs the same component in-process, so that the two never both take one input;
+    resume it afterwards. Without a Ray head (services-only runs) there is none."""
+
+    def call(method: str) -> bool:
+        if not port_open(settings.ray.port, settings.ray.host):
+            return False
+        ray.init(
+            address=settings.ray.address, namespace=settings.ray.namespace, log_to_driver=False
+        )
+        try:
+            actor = ray.get_actor(name, namespace=settings.ray.namespace)
+            ray.get(getattr(actor, method).remote(), timeout=120)
+            return True
+        except ValueError:  # not deployed
+            return False
+        finally:
+            ray.shutdown()
+
+    paused = call(pause)
+    try:
+        yield
+    finally:
+        if paused:
+            call(resume)
 
 
 def pg(settings: Settings, sql: str, *args: Any) -> Any:
@@ -173,5 +210,31 @@ def read_from(
                 if msg.error() is None:
                     records.append(msg)
         return records
+    finally:
+        consumer.close()
+
+
+def read_matching(
+    settings: Settings,
+    topic: str,
+    start: dict[int, int],
+    keep: Callable[[Any], bool],
+    count: int,
+    timeout: float = 60,
+) -> list[Any]:
+    """Read ``topic`` from ``start`` until ``count`` records pass ``keep`` (or time runs
+    out): other components of a full run write to the same topics meanwhile."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka.bootstrap, "group.id": f"test-{uuid.uuid4()}"}
+    )
+    try:
+        consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
+        kept: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while len(kept) < count and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is None and keep(msg):
+                    kept.append(msg)
+        return kept
     finally:
         consumer.close()

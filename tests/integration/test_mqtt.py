@@ -18,13 +18,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from actors.mqtt_bridge import MqttBridge
+from actors.mqtt_bridge import BRIDGE_NAME, MqttBridge
 from adapters.kafka import end_offsets
 from adapters.mqtt import connect_result
 from cluster.mosquitto import bridge_config
 from cluster.settings import Settings
 from cluster.stack import LocalStack
-from tests.integration.conftest import raw_offsets, rayline, read_from
+from tests.integration.conftest import deployed_paused, raw_offsets, rayline, read_from
 
 
 @dataclasses.dataclass
@@ -53,12 +53,9 @@ class BridgeThread:
     """An MqttBridge on a thread, stopped and started like a crashed/restarted actor."""
 
     def __init__(self, settings: Settings) -> None:
-        # A session of its own, short-lived, so other runs never queue into it.
-        self.config = dataclasses.replace(
-            bridge_config(settings),
-            client_id=f"rayline-bridge-test-{uuid.uuid4().hex[:8]}",
-            session_expiry_seconds=600,
-        )
+        # The deployed bridge's own session (that bridge is paused meanwhile, see the
+        # `bridge` fixture): messages queued for it are this bridge's to forward.
+        self.config = bridge_config(settings)
         self.bridge: MqttBridge | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,10 +79,11 @@ class BridgeThread:
 
 @pytest.fixture(scope="module")
 def bridge(services: Settings) -> Iterator[BridgeThread]:
-    running = BridgeThread(services)
-    running.start()
-    yield running
-    running.stop()
+    with deployed_paused(services, BRIDGE_NAME, pause="stop", resume="start"):
+        running = BridgeThread(services)
+        running.start()
+        yield running
+        running.stop()
 
 
 def publish(

@@ -20,12 +20,12 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from actors.poller import Poller, Topics, poll_source
-from actors.poller_supervisor import PollerSupervisor, SupervisorConfig
+from actors.poller_supervisor import SUPERVISOR_NAME, PollerSupervisor, SupervisorConfig
 from adapters.kafka import AsyncBatchProducer, end_offsets
 from adapters.poll_cursors import CursorStore
 from adapters.source_stats import SourceStats
 from adapters.sources import Source
-from tests.integration.conftest import eventually, pg, read_from
+from tests.integration.conftest import deployed_paused, eventually, pg, read_from
 
 SIZE = 5
 MAPPING = {"event_id": "$.id", "type": "const:issue", "ts": "$.created", "entity": "$.repo"}
@@ -118,6 +118,13 @@ def api() -> Iterator[tuple[Api, str]]:
     yield state, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deployed_pollers_paused(services):
+    """In a full run the deployed supervisor would poll these tests' sources too."""
+    with deployed_paused(services, SUPERVISOR_NAME):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def status() -> dict[str, Any]:
 def test_status_reports_services_and_pipeline(stack: Settings) -> None:
     data = status()
     services = {s["name"]: s for s in data["services"]}
-    assert set(services) == {"kafka", "postgres", "redis", "ray"}
+    assert set(services) == {"kafka", "postgres", "redis", "ray", "s3", "connect", "mosquitto"}
     assert all(s["state"] == "running" and s["pid"] for s in services.values())
     assert services["kafka"]["ports"] == [stack.kafka.port, stack.kafka.controller_port]
     workers = data["pipeline"]["workers"]
@@ -63,7 +63,7 @@ def test_ctrl_c_during_the_demo_stops_the_stack(stack: Settings) -> None:
             demo.kill()
     assert demo.returncode == 1, output
     assert "stopping the stack" in output
-    assert "stopped: ray, kafka, redis, postgres" in output
+    assert "stopped: ray, s3, mosquitto, connect, kafka, redis, postgres" in output
     assert [name for name, port in stack.local_ports().items() if port_open(port)] == []
     assert [pid for pid in pids if alive(pid)] == []
 
@@ -78,7 +78,7 @@ def test_down_stops_everything_and_leaves_nothing_listening(stack: Settings) -> 
     assert all(pids)
     result = rayline("down")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "stopped: ray, kafka, redis, postgres" in result.stdout
+    assert "stopped: ray, s3, mosquitto, connect, kafka, redis, postgres" in result.stdout
     listening = {name: port for name, port in stack.local_ports().items() if port_open(port)}
     assert listening == {}
     assert [pid for pid in pids if alive(pid)] == []

@@ -207,6 +207,7 @@ def test_registered_schemas_are_enforced_and_avro_records_count(
     (letter,) = read_from(stack, stack.kafka.dlq_topic, dlq_before, 1)
     reason = dict(letter.headers())["reason"].decode()
     assert reason.startswith(f"schema '{source}.reading'")
+    assert dict(letter.headers())["stage"] == b"ingest"  # refused at the edge
     assert "attributes.unit" in reason
     assert "kelvin" in reason
     assert orjson.loads(letter.value())["event_id"] == "j2"

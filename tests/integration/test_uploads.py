@@ -29,7 +29,7 @@ from adapters.s3 import S3Config, S3Store
 from cluster.settings import Settings
 from data_jobs import publish_upload
 from serve_apps.upload_handler import UploadsConfig, standalone_app
-from tests.integration.conftest import eventually, pg, rayline, read_from
+from tests.integration.conftest import eventually, pg, rayline, read_matching
 
 SMALL_LIMIT = 9 * 1024 * 1024  # over one 8 MiB part, so a refused upload had a part to abort
 AVRO = "application/vnd.apache.avro+container"
@@ -202,12 +202,24 @@ def _publish_and_check(
         "headers": {"origin.upload": sent["id"]},
     }
 
-    raw = read_from(settings, settings.kafka.raw_topic, raw_start, len(good_ids), timeout=60)
+    raw = read_matching(
+        settings,
+        settings.kafka.raw_topic,
+        raw_start,
+        lambda m: orjson.loads(m.value()).get("source") == source,
+        len(good_ids),
+    )
     events = [orjson.loads(m.value()) for m in raw]
     assert {e["event_id"] for e in events} == good_ids
     assert {(e["tenant"], e["source"]) for e in events} == {(tenant, source)}
 
-    dead = read_from(settings, settings.kafka.dlq_topic, dlq_start, len(bad_indexes), timeout=60)
+    dead = read_matching(
+        settings,
+        settings.kafka.dlq_topic,
+        dlq_start,
+        lambda m: dict(m.headers() or []).get("origin.upload") == sent["id"].encode(),
+        len(bad_indexes),
+    )
     headers = [{k: v.decode() for k, v in m.headers()} for m in dead]
     assert {h["origin.upload"] for h in headers} == {sent["id"]}
     assert {int(h["origin.index"]) for h in headers} == bad_indexes
@@ -297,7 +309,13 @@ def test_avro_container_rows_without_ids_get_stable_ones(services, apis, store, 
     upload_id = answer.json()["id"]
     status = _finished(apis["default"], key, answer.json()["status_url"])
     assert (status["rows_read"], status["rows_accepted"], status["rows_rejected"]) == (300, 297, 3)
-    raw = read_from(services, services.kafka.raw_topic, raw_start, 297, timeout=60)
+    raw = read_matching(
+        services,
+        services.kafka.raw_topic,
+        raw_start,
+        lambda m: orjson.loads(m.value()).get("source") == source,
+        297,
+    )
     ids = {orjson.loads(m.value())["event_id"] for m in raw}
     assert ids == {f"{upload_id}-{i}" for i in range(300) if i not in bad}
     assert answer.json()["object_key"].startswith(f"uploads/{tenant}/{upload_id}/")

@@ -155,7 +155,7 @@ def test_json_document_over_the_limit_points_to_ndjson(monkeypatch):
 
 
 def test_max_records_says_the_limit_and_how_to_split():
-    with pytest.raises(BodyMalformed, match="more than 3 records: split"):
+    with pytest.raises(formats.TooManyRecords, match="more than 3 records, the limit is 3: split"):
         decode_body("json", orjson.dumps([EVENT] * 4), max_records=3)
     assert len(decode_body("json", orjson.dumps([EVENT] * 3), max_records=3).records) == 3
 
