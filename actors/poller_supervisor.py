@@ -169,7 +169,7 @@ class PollerSupervisor:
             for source in sources:
                 if not source.enabled:
                     self._status.setdefault(source.name, SourceStatus()).state = "disabled"
-                elif source.name not in self._runners:
+                elif source.name in wanted and source.name not in self._runners:
                     self._start(source)
 
     def _retire(self, name: str) -> None:

@@ -195,8 +195,14 @@ class AsyncBatchProducer:
                 retry_after=1.0,
             )
         ack = _BatchAck(asyncio.get_running_loop(), len(records))
+        produce, callback = self._producer.produce, ack.on_delivery
         for key, value, headers in records:
-            self._produce(topic, key, value, headers, ack.on_delivery)
+            try:
+                produce(topic, value, key, headers=headers, on_delivery=callback)
+            except BufferError:
+                self._produce(topic, key, value, headers, callback)  # waits for room
+            except KafkaException as exc:
+                raise StoreUnavailable(f"Kafka refused a record for {topic!r}: {exc}") from exc
         await ack.done
 
     def _produce(

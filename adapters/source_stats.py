@@ -16,12 +16,14 @@ event. A Redis outage never fails the caller: statistics are best effort, counte
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
 KEY_PREFIX = "rayline:source:"
+FLUSH_SECONDS = 1.0
 RATE_PREFIX = "rayline:source-minutes:"  # events per minute, the last few minutes
 _MAX_ERROR_CHARS = 500
 
@@ -104,6 +106,19 @@ def _prepare(
     if not increments and not values:
         return None
     pipe = client.pipeline(transaction=False)
+    _queue(pipe, source, now_ms, accepted, rejected, increments, values)
+    return pipe
+
+
+def _queue(
+    pipe: Any,
+    source: str,
+    now_ms: int,
+    accepted: int,
+    rejected: int,
+    increments: dict[str, int],
+    values: dict[Any, Any],
+) -> None:
     for name, amount in increments.items():
         pipe.hincrby(KEY_PREFIX + source, name, amount)
     if values:
@@ -111,7 +126,6 @@ def _prepare(
     if accepted or rejected:
         pipe.hincrby(RATE_PREFIX + source, str(now_ms // 60_000), accepted + rejected)
         pipe.expire(RATE_PREFIX + source, 300)
-    return pipe
 
 
 class SourceStats:
@@ -160,14 +174,27 @@ class SourceStats:
 
 
 class AsyncSourceStats:
-    """Per-source statistics from asyncio code (Serve replicas)."""
+    """Per-source statistics from asyncio code (Serve replicas), written once a second.
+
+    A busy replica handles hundreds of requests a second; ``record`` only adds to
+    counters in memory, and a task started by :meth:`start` writes them to Redis every
+    :data:`FLUSH_SECONDS` (Prometheus metrics are updated at once).
+    """
 
     def __init__(self, redis_url: str) -> None:
         self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._metrics = _Metrics()
+        self._pending: dict[str, list[Any]] = {}  # source -> [accepted, rejected, errors,
+        #                                            last error, newest now_ms]
+        self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
-    async def record(
+    def start(self) -> None:
+        """Start the writer in the running event loop (again after it ended)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._write_every_second())
+
+    def record(
         self,
         source: str,
         *,
@@ -177,14 +204,30 @@ class AsyncSourceStats:
         errors: int = 0,
         error: str | None = None,
     ) -> None:
-        pipe = _prepare(
-            self._redis, self._metrics, source, now_ms, accepted, rejected, errors, error
-        )
-        try:
-            if pipe is not None:
+        self._metrics.record(source, now_ms, accepted, rejected, errors, error is not None)
+        row = self._pending.setdefault(source, [0, 0, 0, None, now_ms])
+        row[0] += accepted
+        row[1] += rejected
+        row[2] += errors
+        row[3] = error if error is not None else row[3]
+        row[4] = max(row[4], now_ms)
+
+    async def flush(self) -> None:
+        """Write what was recorded since the last flush."""
+        pending, self._pending = self._pending, {}
+        for source, (accepted, rejected, errors, error, now_ms) in pending.items():
+            increments, values = _fields(now_ms, accepted, rejected, errors, error)
+            pipe = self._redis.pipeline(transaction=False)
+            _queue(pipe, source, now_ms, accepted, rejected, increments, values)
+            try:
                 await pipe.execute()
-        except redis.RedisError:
-            self.dropped += 1
+            except redis.RedisError:
+                self.dropped += 1
+
+    async def _write_every_second(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            await self.flush()
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, Any]:

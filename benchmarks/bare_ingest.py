@@ -6,6 +6,7 @@ Run by benchmarks/ingest.py under uvicorn; writes to ``$RAYLINE_BENCH_TOPIC``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 
 from fastapi import FastAPI
@@ -21,3 +22,4 @@ _edge = IngestEdge(_config)
 
 app = FastAPI(title="bare ingest (benchmark reference)")
 add_routes(app, _edge)
+gc.freeze()  # as the Serve replica does

@@ -204,7 +204,7 @@ def _wait(url: str, key: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not answer 202 within {timeout:.0f} s")
 
 
-def deploy_bench_app(settings: Settings, topic: str) -> str:
+def deploy_bench_app(settings: Settings, topic: str, replicas: int) -> str:
     """The ingest deployment again, as its own Serve app writing to ``topic``."""
     from serve_apps.ingest import IngestAPI
 
@@ -212,6 +212,7 @@ def deploy_bench_app(settings: Settings, topic: str) -> str:
     config = dataclasses.replace(config, topic=topic, max_consumer_lag=0)
     app = IngestAPI.options(  # type: ignore[attr-defined]
         name="IngestBench",
+        num_replicas=replicas,
         max_ongoing_requests=settings.serve.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
     ).bind(config)
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=15, help="length of each wrk run")
     parser.add_argument("--batch", type=int, default=500, help="events per batched request")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="Serve replicas (default: serve.ingest_replicas)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (or make setup)", file=sys.stderr)
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             bare.terminate()
             bare.wait(10)
         with connected(settings):
-            serve_url = deploy_bench_app(settings, topic)
+            replicas = args.replicas or settings.serve.ingest_replicas
+            serve_url = deploy_bench_app(settings, topic, replicas)
             try:
                 _wait(serve_url, key)
                 print("Ray Serve app ...", flush=True)

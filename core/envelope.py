@@ -22,6 +22,7 @@ caller can fix a whole batch in one round trip.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -71,12 +72,22 @@ _NAME_PATTERNS = {"tenant": _TENANT_RE, "source": _SOURCE_RE, "type": _TYPE_RE}
 
 def name_problem(field: str, value: Any) -> str | None:
     """What is wrong with a tenant, source or type name, or None when it is fine."""
-    pattern = _NAME_PATTERNS[field]
     if not isinstance(value, str):
         return f"expected string, got {_type_name(value)}"
+    if len(value) > 128:
+        return _string_problem(field, value)
+    return _cached_string_problem(field, value)
+
+
+def _string_problem(field: str, value: str) -> str | None:
+    pattern = _NAME_PATTERNS[field]
     if not pattern.match(value):
         return f"expected {pattern.pattern} (letters, digits and _.-), got {_describe(value)}"
     return None
+
+
+# A batch repeats a few tenants, sources and types thousands of times: check each once.
+_cached_string_problem = functools.lru_cache(maxsize=16_384)(_string_problem)
 
 
 def _type_name(value: Any) -> str:

@@ -203,6 +203,10 @@ def _plain(value: Any) -> Any:
 
 
 def _json_records(data: bytes) -> Iterator[Item]:
+    yield from _json_document(data)
+
+
+def _json_document(data: bytes) -> list[tuple[int, Any]]:
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     try:
@@ -213,14 +217,12 @@ def _json_records(data: bytes) -> Iterator[Item]:
             "an array of events or one event object"
         ) from None
     if isinstance(document, dict):
-        yield 0, document
-    elif isinstance(document, list):
-        yield from enumerate(document)
-    else:
-        raise BodyMalformed(
-            f"body is a JSON {type(document).__name__}: expected an array of events "
-            "or one event object"
-        )
+        return [(0, document)]
+    if isinstance(document, list):
+        return list(enumerate(document))
+    raise BodyMalformed(
+        f"body is a JSON {type(document).__name__}: expected an array of events or one event object"
+    )
 
 
 def _iter_json(stream: BinaryIO) -> Iterator[Item]:
@@ -632,7 +634,13 @@ def decode_body(
         BodyMalformed: when the body is unusable as a whole, or holds more than
             ``max_records`` records.
     """
-    records: list[tuple[int, Any]] = []
+    if fmt == "json" and len(body) <= MAX_DOCUMENT_BYTES:
+        # The hot path of the batch API: one parse, no generator per record.
+        records = _json_document(body)
+        if len(records) > max_records:
+            raise _too_many(max_records)
+        return Decoded(records, [])
+    records = []  # the slow path: one record at a time
     errors: list[RecordError] = []
     items = iter_records(
         fmt,
@@ -643,12 +651,16 @@ def decode_body(
     )
     for item in items:
         if len(records) + len(errors) >= max_records:
-            raise TooManyRecords(
-                f"body holds more than {max_records} records, the limit is {max_records}: "
-                "split it into smaller requests, or upload it as a file"
-            )
+            raise _too_many(max_records)
         if isinstance(item, RecordError):
             errors.append(item)
         else:
             records.append(item)
     return Decoded(records, errors)
+
+
+def _too_many(limit: int) -> TooManyRecords:
+    return TooManyRecords(
+        f"body holds more than {limit} records, the limit is {limit}: "
+        "split it into smaller requests, or upload it as a file"
+    )

@@ -293,6 +293,7 @@ class IngestEdge:
 
     def _backpressure(self) -> None:
         self._lag.start()
+        self._stats.start()
         if self._lag.over():
             raise _Reject(
                 Answer.error(
@@ -430,39 +431,38 @@ class IngestEdge:
         )
         bad = _group(problems)
         trace = _traceparent(request.headers.get("traceparent"))
-        good = iter(envelopes)
+        plain: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
+        subjects = [avro.subject_for(e["source"], e["type"]) for e in envelopes]
+        schemas = await self._schemas_of(set(subjects))
+        good = iter(zip(envelopes, subjects, strict=True))
         for position, (index, record) in enumerate(records):
             if position in bad:
                 found = [(p.field, p.message) for p in bad[position]]
                 self._reject(batch, source, index, found, _raw(record), received)
                 continue
-            envelope = next(good)
-            encoded = await self._encode(envelope)
+            envelope, subject = next(good)
+            schema = schemas[subject]
+            if schema is None:  # the common case: no schema, JSON on the topic
+                batch.raw.append((partition_key(envelope), orjson.dumps(envelope), plain))
+                continue
+            encoded = _encode(envelope, subject, *schema)
             if isinstance(encoded, str):
                 self._reject(batch, source, index, [("", encoded)], _raw(record), received)
                 continue
-            value, schema_headers = encoded
-            headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
-            batch.raw.append((partition_key(envelope), value, headers + schema_headers))
+            headers = [
+                *plain,
+                ("schema.subject", subject.encode()),
+                ("schema.id", str(schema[0]).encode()),
+            ]
+            batch.raw.append((partition_key(envelope), encoded, headers))
         return batch
 
-    async def _encode(self, envelope: dict[str, Any]) -> tuple[bytes, Headers] | str:
-        """The record's bytes: Avro (wire format) when its subject has a schema, else
-        JSON; or the reason it does not fit that schema."""
-        subject = avro.subject_for(envelope["source"], envelope["type"])
+    async def _schemas_of(self, subjects: set[str]) -> dict[str, tuple[int, Any] | None]:
+        """The schema enforced on each subject (None: none), looked up once per batch."""
         try:
-            schema = await self._schemas.latest(subject)
+            return {subject: await self._schemas.latest(subject) for subject in subjects}
         except StoreUnavailable as exc:
             raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
-        if schema is None:
-            return orjson.dumps(envelope), []
-        schema_id, parsed = schema
-        try:
-            value = avro.encode(envelope, schema_id, parsed)
-        except avro.AvroError as exc:
-            details = str(exc).split(": ", 1)[-1]
-            return f"schema '{subject}' (id {schema_id}) does not fit: {details}"
-        return value, [("schema.subject", subject.encode()), ("schema.id", str(schema_id).encode())]
 
     def _reject(
         self,
@@ -488,13 +488,13 @@ class IngestEdge:
                 self._producer.send(cfg.dlq_topic, batch.dead),
             )
         except Backpressure as exc:
-            await self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
+            self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
             return Answer.error(503, str(exc), retry_after=exc.retry_after)
         except StoreUnavailable as exc:
-            await self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
+            self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
             return Answer.error(503, str(exc), retry_after=5)
         accepted, rejected = len(batch.raw), len(batch.dead)
-        await self._stats.record(source, now_ms=now_ms, accepted=accepted, rejected=rejected)
+        self._stats.record(source, now_ms=now_ms, accepted=accepted, rejected=rejected)
         body: dict[str, Any] = {"accepted": accepted, "rejected": rejected}
         if batch.errors:
             body["errors"] = sorted(batch.errors, key=lambda e: int(e["index"]))
@@ -516,3 +516,12 @@ def _raw(record: Any) -> bytes:
     with contextlib.suppress(TypeError):
         return orjson.dumps(record)
     return repr(record).encode()
+
+
+def _encode(envelope: dict[str, Any], subject: str, schema_id: int, parsed: Any) -> bytes | str:
+    """The envelope as Avro in the wire format, or why it does not fit the schema."""
+    try:
+        return avro.encode(envelope, schema_id, parsed)
+    except avro.AvroError as exc:
+        details = str(exc).split(": ", 1)[-1]
+        return f"schema '{subject}' (id {schema_id}) does not fit: {details}"

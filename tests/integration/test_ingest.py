@@ -32,7 +32,7 @@ from cluster.settings import Settings
 from core import avro, signatures
 from serve_apps.edge import EdgeConfig, IngestEdge
 from serve_apps.ingest_routes import add_routes
-from tests.integration.conftest import pg, rayline, read_from
+from tests.integration.conftest import eventually, pg, rayline, read_from
 
 NOW = time.time()
 
@@ -608,8 +608,12 @@ def test_each_source_reports_its_counts_and_last_success_in_status(
     url = f"/v1/sources/{source.name}/webhook"
     key = _key(services, tenant)
     assert client.post(url, json=[{"id": "s1"}, {"id": "s2"}, {}], headers=key).status_code == 202
-    result = rayline("status", "--json")
-    assert result.returncode == 0, result.stderr
-    row = json.loads(result.stdout)["sources"][source.name]
+
+    def status() -> dict[str, Any]:
+        result = rayline("status", "--json")
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout)["sources"].get(source.name, {}))
+
+    row = eventually(status, lambda r: r.get("accepted") == 2, timeout=15)  # written each 1 s
     assert (row["accepted"], row["rejected"]) == (2, 1)
     assert abs(row["last_success_ms"] / 1000 - time.time()) < 60

@@ -377,5 +377,13 @@ def test_the_supervisor_runs_added_sources_and_stops_disabled_ones(services, api
             supervisor.status, lambda s: s[source.name]["cursor"] == {"offset": 9}, timeout=20
         )
         assert status[source.name]["state"] in ("polling", "waiting")
+
+        assert supervisor.pause(timeout=20), "runners did not stop within 20 s"
+        asked = len(state.log)
+        state.add(9, 11)
+        time.sleep(1.0)
+        assert len(state.log) == asked, "a paused supervisor kept polling"
+        supervisor.resume()
+        eventually(supervisor.status, lambda s: s[source.name]["cursor"] == {"offset": 11}, 20)
     finally:
         supervisor.stop()
