@@ -25,7 +25,7 @@ from adapters import mqtt as mqtt_adapter
 from adapters import postgres as pg_adapter
 from adapters import redis as redis_adapter
 from adapters import s3 as s3_adapter
-from cluster import mosquitto
+from cluster import connect, mosquitto
 from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open
 from cluster.settings import PROJECT_ROOT, Settings
 from core.exceptions import ConfigurationError
@@ -60,38 +60,6 @@ def _postgres_bin(name: str) -> str:
         if (bindir / name).exists():
             return str(bindir / name)
     return _need(name)
-
-
-# Kafka Connect's own compacted topics: connector configs, source offsets, states.
-CONNECT_TOPICS = {
-    "config": "rayline-connect-configs",
-    "offset": "rayline-connect-offsets",
-    "status": "rayline-connect-status",
-}
-
-
-def _connect_worker_properties(s: Settings) -> str:
-    """Kafka Connect in distributed mode, one worker, JSON with schemas (for the types)."""
-    c = s.cdc
-    lines = [
-        f"bootstrap.servers={s.kafka.bootstrap}",
-        "group.id=rayline-connect",
-        "key.converter=org.apache.kafka.connect.json.JsonConverter",
-        "value.converter=org.apache.kafka.connect.json.JsonConverter",
-        "key.converter.schemas.enable=true",
-        "value.converter.schemas.enable=true",
-        f"listeners=http://{c.host}:{c.port}",
-        f"rest.advertised.host.name={c.host}",
-        f"rest.advertised.port={c.port}",
-        "offset.flush.interval.ms=1000",
-        "topic.creation.enable=true",
-        # Connectors are on the class path; no plugin.path to scan.
-        "plugin.discovery=only_scan",
-    ]
-    for kind, topic in CONNECT_TOPICS.items():
-        lines += [f"{kind}.storage.topic={topic}", f"{kind}.storage.replication.factor=1"]
-    lines += ["offset.storage.partitions=1", "status.storage.partitions=1", ""]
-    return "\n".join(lines)
 
 
 def _reachable_by(user: str, folder: Path) -> bool:
@@ -440,24 +408,10 @@ class LocalStack:
         """Jars, the worker's settings, and its compacted topics on a ready broker."""
         s = self.settings
         self.fetch_connect()
-        home = self.state / "connect"
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "worker.properties").write_text(_connect_worker_properties(s))
-        (home / "log4j2.properties").write_text(
-            "status = warn\n"
-            "appender.out.type = Console\nappender.out.name = OUT\n"
-            "appender.out.layout.type = PatternLayout\n"
-            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
-            "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = OUT\n"
-            "logger.reflections.name = org.reflections\nlogger.reflections.level = ERROR\n"
-        )
+        connect.write_config(s, self.state / "connect")
         if s.kafka.managed:
             self.supervisor.wait_ready(self._kafka_spec())  # Connect exits without a broker
-        compact = {"cleanup.policy": "compact"}
-        created = kafka_adapter.ensure_topics(
-            s.kafka.bootstrap,
-            [kafka_adapter.TopicSpec(t, 1, compact) for t in CONNECT_TOPICS.values()],
-        )
+        created = kafka_adapter.ensure_topics(s.kafka.bootstrap, connect.topic_specs())
         if created:
             self.say(f"created topics {', '.join(created)}")
 
