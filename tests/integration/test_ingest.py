@@ -32,7 +32,7 @@ from cluster.settings import Settings
 from core import avro, signatures
 from serve_apps.edge import EdgeConfig, IngestEdge
 from serve_apps.ingest_routes import add_routes
-from tests.integration.conftest import eventually, pg, rayline, read_from
+from tests.integration.conftest import eventually, pg, rayline, read_from, read_matching
 
 NOW = time.time()
 
@@ -96,35 +96,48 @@ def _register(subject: str, schema: dict[str, Any], folder: Path) -> None:
 
 
 class Topics:
-    """End offsets of the raw and dead-letter topics before a test's request."""
+    """End offsets of the raw and dead-letter topics before a test's request; the test's
+    own records are told apart by its tenant (other components write to both topics in a
+    full run: workers dead-letter late records while these tests run)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, marker: str) -> None:
         self.settings = settings
+        self.marker = marker.encode()
         self.raw = end_offsets(settings.kafka.bootstrap, settings.kafka.raw_topic)
         self.dlq = end_offsets(settings.kafka.bootstrap, settings.kafka.dlq_topic)
 
+    def _mine(self, topic: str, start: dict[int, int]) -> list[Any]:
+        """This test's records among those written to ``topic`` since ``start``."""
+        end = end_offsets(self.settings.kafka.bootstrap, topic)
+        added = sum(end.values()) - sum(start.values())
+        if added == 0:
+            return []
+        records = read_from(self.settings, topic, start, added, 20)
+        return [r for r in records if self._is_mine(r)]
+
     def new_raw(self, count: int) -> list[Any]:
-        return read_from(self.settings, self.settings.kafka.raw_topic, self.raw, count, 20)
+        s = self.settings
+        return read_matching(s, s.kafka.raw_topic, self.raw, self._is_mine, count, 20)
 
     def new_dlq(self, count: int) -> list[Any]:
-        return read_from(self.settings, self.settings.kafka.dlq_topic, self.dlq, count, 20)
+        s = self.settings
+        return read_matching(s, s.kafka.dlq_topic, self.dlq, self._is_mine, count, 20)
+
+    def _is_mine(self, record: Any) -> bool:
+        headers = [value or b"" for _, value in record.headers() or []]
+        return any(self.marker in part for part in [record.value() or b"", *headers])
 
     def added(self) -> tuple[int, int]:
-        """Records written since (raw, dead letters): exact, since a 2xx follows the acks."""
+        """This test's records written since (raw, dead letters): exact, since a 2xx
+        follows the acks."""
         s = self.settings
-        raw = end_offsets(s.kafka.bootstrap, s.kafka.raw_topic)
-        dlq = end_offsets(s.kafka.bootstrap, s.kafka.dlq_topic)
         return (
-            sum(raw.values()) - sum(self.raw.values()),
-            sum(dlq.values()) - sum(self.dlq.values()),
+            len(self._mine(s.kafka.raw_topic, self.raw)),
+            len(self._mine(s.kafka.dlq_topic, self.dlq)),
         )
 
     def unchanged(self) -> bool:
-        s = self.settings
-        return (
-            end_offsets(s.kafka.bootstrap, s.kafka.raw_topic) == self.raw
-            and end_offsets(s.kafka.bootstrap, s.kafka.dlq_topic) == self.dlq
-        )
+        return self.added() == (0, 0)
 
 
 def _event(tenant: str, n: int, **extra: Any) -> dict[str, Any]:
@@ -137,7 +150,7 @@ def _event(tenant: str, n: int, **extra: Any) -> dict[str, Any]:
 def test_a_batch_is_acknowledged_after_kafka_has_every_record(
     client: TestClient, services: Settings, tenant: str
 ) -> None:
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     events = [_event(tenant, n) for n in range(50)]
     answer = client.post("/v1/events", json=events, headers=_key(services, tenant))
     assert answer.status_code == 202, answer.text
@@ -154,8 +167,9 @@ def test_a_batch_is_acknowledged_after_kafka_has_every_record(
 def test_ndjson_with_a_bad_line_accepts_the_rest_and_dead_letters_the_line(
     client: TestClient, services: Settings, tenant: str
 ) -> None:
-    topics = Topics(services)
-    lines = [orjson.dumps(_event(tenant, 1)), b"{not json", orjson.dumps(_event(tenant, 2))]
+    topics = Topics(services, tenant)
+    broken = b"{not json " + tenant.encode()
+    lines = [orjson.dumps(_event(tenant, 1)), broken, orjson.dumps(_event(tenant, 2))]
     answer = client.post(
         "/v1/events",
         content=b"\n".join(lines),
@@ -167,7 +181,7 @@ def test_ndjson_with_a_bad_line_accepts_the_rest_and_dead_letters_the_line(
     assert [e["index"] for e in body["errors"]] == [1]
     assert len(topics.new_raw(2)) == 2
     (dead,) = topics.new_dlq(1)
-    assert dead.value() == b"{not json"
+    assert dead.value() == broken
     headers = dict(dead.headers())
     assert headers["stage"] == b"ingest"
     assert headers["origin.index"] == b"1"
@@ -191,7 +205,7 @@ def test_schema_invalid_records_are_listed_and_dead_lettered(
         ],
     }
     _register(subject, schema, tmp_path)
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     good = _event(tenant, 1, type=kind, attributes={"sku": "A-1"})
     bad = _event(tenant, 2, type=kind, attributes={"sku": 17})
     answer = client.post("/v1/events", json=[good, bad], headers=_key(services, tenant))
@@ -210,7 +224,7 @@ def test_schema_invalid_records_are_listed_and_dead_lettered(
 def test_every_record_rejected_is_422_and_all_are_dead_lettered(
     client: TestClient, services: Settings, tenant: str
 ) -> None:
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(
         "/v1/events",
         json=[{"event_id": "x", "tenant": tenant}, {"tenant": tenant}],
@@ -237,7 +251,7 @@ def test_requests_without_a_valid_key_are_refused_whole(
     status: int,
     words: str,
 ) -> None:
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post("/v1/events", json=[_event(tenant, 1)], headers=headers)
     assert answer.status_code == status
     assert words in answer.json()["error"]
@@ -257,7 +271,7 @@ def test_a_revoked_key_is_403(client: TestClient, services: Settings, tenant: st
 def test_another_tenants_events_are_403_and_nothing_is_written(
     client: TestClient, services: Settings, tenant: str
 ) -> None:
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(
         "/v1/events",
         json=[_event(tenant, 1), _event("someone-else", 2)],
@@ -285,7 +299,7 @@ def test_hostile_bodies_are_refused_whole(
     content_type: str,
     status: int,
 ) -> None:
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(
         "/v1/events",
         content=content,
@@ -327,7 +341,7 @@ def test_github_signed_webhook_is_accepted_once_and_a_replay_is_not_applied(
     headers = signatures.sign(
         "github", source.secrets[0], body, now_s=time.time(), delivery_id=delivery
     )
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     url = f"/v1/sources/{source.name}/webhook"
     first = client.post(url, content=body, headers={**headers, "content-type": "application/json"})
     assert first.status_code == 202, first.text
@@ -361,7 +375,7 @@ def test_timestamped_schemes_accept_fresh_and_refuse_stale_deliveries(
         mapping=mapping,
     )
     url = f"/v1/sources/{source.name}/webhook"
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     body = orjson.dumps({"id": "evt_1", "type": "charge.succeeded", "created": int(NOW)})
     fresh = signatures.sign(scheme, source.secrets[0], body, now_s=time.time(), delivery_id="d1")
     assert client.post(url, content=body, headers=fresh).status_code == 202
@@ -391,7 +405,7 @@ def test_a_bad_signature_is_401_and_writes_nothing(
     )
     body = _push(2)
     headers = signatures.sign("github", "not-the-secret", body, now_s=time.time(), delivery_id="d")
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(f"/v1/sources/{source.name}/webhook", content=body, headers=headers)
     assert answer.status_code == 401
     assert answer.json()["reason"] == "mismatch"
@@ -430,9 +444,9 @@ def test_a_rotated_secret_keeps_the_old_one_working_for_the_grace_period(
         assert client.post(url, content=body, headers=headers).status_code == 202
 
 
-def test_unknown_source_is_404(client: TestClient, services: Settings) -> None:
-    topics = Topics(services)
-    answer = client.post("/v1/sources/no-such-source/webhook", json={"a": 1})
+def test_unknown_source_is_404(client: TestClient, services: Settings, tenant: str) -> None:
+    topics = Topics(services, tenant)
+    answer = client.post("/v1/sources/no-such-source/webhook", json={"tenant": tenant})
     assert answer.status_code == 404
     assert "rayline sources add" in answer.json()["error"]
     assert topics.unchanged()
@@ -448,7 +462,7 @@ def test_a_keyed_source_refuses_another_tenants_key(
         mapping={"event_id": "$.id", "type": "const:ping", "ts": "now"},
     )
     url = f"/v1/sources/{source.name}/webhook"
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(url, json={"id": "p1"}, headers=_key(services, f"{tenant}-other"))
     assert answer.status_code == 403
     assert topics.unchanged()
@@ -470,7 +484,7 @@ def test_a_source_over_its_rate_limit_gets_429_with_retry_after(
     )
     url = f"/v1/sources/{source.name}/webhook"
     key = _key(services, tenant)
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     statuses = [client.post(url, json={"id": f"p{n}"}, headers=key).status_code for n in range(4)]
     assert statuses == [202, 202, 202, 429]
     limited = client.post(url, json={"id": "p9"}, headers=key)
@@ -504,10 +518,10 @@ def test_csv_bodies_are_typed_by_the_sources_schema(
         schema_subject=subject,
         mapping={"event_id": "$.id", "type": "const:row", "ts": "now", "value": "$.amount"},
     )
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(
         f"/v1/sources/{source.name}/webhook",
-        content=b"id,amount,paid\nr1,12.5,true\nr2,twelve,false\n",
+        content=f"id,amount,paid\n{tenant}-1,12.5,true\n{tenant}-2,twelve,false\n".encode(),
         headers={**_key(services, tenant), "content-type": "text/csv"},
     )
     assert answer.status_code == 202, answer.text
@@ -548,7 +562,7 @@ def test_an_avro_body_in_the_wire_format_is_decoded_with_its_registered_schema(
         "value": 2.5,
     }
     body = avro.encode(record, schema_id, fastavro.parse_schema(schema))
-    topics = Topics(services)
+    topics = Topics(services, tenant)
     answer = client.post(
         "/v1/events",
         content=body,
@@ -588,7 +602,7 @@ def test_a_full_producer_queue_is_503_and_nothing_half_written(
 ) -> None:
     config = _config(services, queue_max_messages=1000, max_events_per_request=5000)
     for client in _client(config):
-        topics = Topics(services)
+        topics = Topics(services, tenant)
         events = [_event(tenant, n) for n in range(1001)]
         answer = client.post("/v1/events", json=events, headers=_key(services, tenant))
         assert answer.status_code == 503
