@@ -112,12 +112,13 @@ class SourceCatalog(AsyncStore):
         )
         return row is not None
 
-    async def key_owner(self, key: str) -> tuple[str, bool] | None:
-        """(tenant, revoked) of a key, or None when no such key was ever made."""
+    async def key_owner(self, key_hash: str) -> tuple[str, bool] | None:
+        """(tenant, revoked) of the key whose :func:`hash_key` is ``key_hash``, or None
+        when no such key was ever made."""
         row = await self._run(
             "fetchrow",
             "SELECT tenant, revoked_at IS NOT NULL AS revoked FROM api_keys WHERE key_hash = $1",
-            hash_key(key),
+            key_hash,
         )
         return None if row is None else (row["tenant"], row["revoked"])
 
@@ -213,10 +214,12 @@ class SourceCatalog(AsyncStore):
 def check_source(source: Source) -> None:
     """Raise ConfigurationError when a source's settings cannot work together."""
     from core.envelope import name_problem
+    from core.source_mapping import parse_mapping
 
     problem = name_problem("source", source.name)
     if problem is not None:
         raise ConfigurationError(f"source name {source.name!r}: {problem}")
+    parse_mapping(source.mapping)  # raises ConfigurationError naming the bad field
     if source.kind not in SOURCE_KINDS:
         raise ConfigurationError(
             f"source kind {source.kind!r} is not one of {', '.join(SOURCE_KINDS)}"

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.cli_cdc import cdc_app
+from cluster.cli_context import settings_of as _settings
 from cluster.cli_devices import devices_app
 from cluster.cli_metadata import rules_app, schemas_app
 from cluster.cli_sources import keys_app, sources_app, tenants_app
@@ -34,12 +35,6 @@ app = typer.Typer(
 )
 console = Console()
 err = Console(stderr=True)
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 @app.callback()

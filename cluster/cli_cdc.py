@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_context import settings_of as _settings
 from cluster.settings import Settings
 from core.exceptions import InvalidInputError
 
@@ -31,12 +32,6 @@ cdc_app = typer.Typer(
 )
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 def parse_table(text: str) -> tuple[str, str]:

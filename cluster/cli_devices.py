@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_context import settings_of as _settings
 from cluster.settings import Settings
 from core.exceptions import InvalidInputError
 
@@ -18,12 +19,6 @@ devices_app = typer.Typer(
     help="MQTT devices: each has its own password and may publish only on "
     "devices/<id>/telemetry; the MQTT bridge forwards its messages to Kafka for its tenant."
 )
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 def _store(settings: Settings) -> Any:

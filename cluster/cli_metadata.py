@@ -11,6 +11,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_context import settings_of as _settings
 from cluster.settings import Settings
 from core.exceptions import ConfigurationError, InvalidInputError
 
@@ -23,12 +24,6 @@ rules_app = typer.Typer(
 schemas_app = typer.Typer(
     help="Avro schemas per (source, type), enforced on the events of that source and type."
 )
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 def _store(settings: Settings) -> Any:

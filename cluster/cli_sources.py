@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_context import settings_of as _settings
 from cluster.settings import Settings
 from core.exceptions import ConfigurationError
 
@@ -25,12 +26,6 @@ sources_app = typer.Typer(
     help="Sources: webhooks (HMAC-signed or keyed), pollers, devices, uploads. Each has a "
     "tenant, an optional payload mapping and schema, and rate limits."
 )
-
-
-def _settings(ctx: typer.Context) -> Settings:
-    settings = ctx.obj
-    assert isinstance(settings, Settings)
-    return settings
 
 
 def _run(settings: Settings, work: Any) -> Any:
@@ -149,10 +144,6 @@ def sources_add(
         burst=burst,
         config=_json_option(config, "config"),
     )
-    if source.mapping:
-        from core.source_mapping import parse_mapping
-
-        parse_mapping(source.mapping)
     if scheme is not None and scheme not in signatures.SCHEMES:
         raise ConfigurationError(
             f"--scheme {scheme!r} is not one of {', '.join(signatures.SCHEMES)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.kafka import TopicSpec
+from cluster.processes import log4j2_console
 from cluster.settings import Settings
 
 # Kafka Connect's own compacted topics: connector configs, source offsets, states.
@@ -48,11 +49,4 @@ def write_config(settings: Settings, home: Path) -> None:
     """The worker's properties and its logging setup under ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "worker.properties").write_text(worker_properties(settings))
-    (home / "log4j2.properties").write_text(
-        "status = warn\n"
-        "appender.out.type = Console\nappender.out.name = OUT\n"
-        "appender.out.layout.type = PatternLayout\n"
-        "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
-        "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = OUT\n"
-        "logger.reflections.name = org.reflections\nlogger.reflections.level = ERROR\n"
-    )
+    (home / "log4j2.properties").write_text(log4j2_console({"org.reflections": "ERROR"}))

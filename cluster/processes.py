@@ -204,3 +204,20 @@ def tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join("    " + line for line in text[-lines:])
+
+
+def log4j2_console(levels: dict[str, str]) -> str:
+    """A log4j2 configuration for a local JVM service: INFO to the console (its log
+    file), with the named loggers held at the given levels."""
+    lines = [
+        "status = warn",
+        "appender.out.type = Console",
+        "appender.out.name = OUT",
+        "appender.out.layout.type = PatternLayout",
+        "appender.out.layout.pattern = [%d] %p %m (%c)%n",
+        "rootLogger.level = INFO",
+        "rootLogger.appenderRef.out.ref = OUT",
+    ]
+    for n, (logger, level) in enumerate(sorted(levels.items())):
+        lines += [f"logger.l{n}.name = {logger}", f"logger.l{n}.level = {level}"]
+    return "\n".join(lines) + "\n"

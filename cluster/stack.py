@@ -26,7 +26,13 @@ from adapters import postgres as pg_adapter
 from adapters import redis as redis_adapter
 from adapters import s3 as s3_adapter
 from cluster import connect, mosquitto
-from cluster.processes import ProcessSpec, ServiceFailed, Supervisor, port_open
+from cluster.processes import (
+    ProcessSpec,
+    ServiceFailed,
+    Supervisor,
+    log4j2_console,
+    port_open,
+)
 from cluster.settings import PROJECT_ROOT, Settings
 from core.exceptions import ConfigurationError
 
@@ -373,14 +379,7 @@ class LocalStack:
                 ]
             )
         )
-        (home / "log4j2.properties").write_text(
-            "status = warn\n"
-            "appender.out.type = Console\nappender.out.name = OUT\n"
-            "appender.out.layout.type = PatternLayout\n"
-            "appender.out.layout.pattern = [%d] %p %m (%c)%n\n"
-            "rootLogger.level = INFO\nrootLogger.appenderRef.out.ref = OUT\n"
-            "logger.state.name = state.change.logger\nlogger.state.level = WARN\n"
-        )
+        (home / "log4j2.properties").write_text(log4j2_console({"state.change.logger": "WARN"}))
         if (data / "meta.properties").exists():
             return
         cluster_id = "-"

@@ -6,15 +6,13 @@ Lookups are cached for a few seconds per replica (a revoked key stops working wi
 
 from __future__ import annotations
 
-import time
-
 from fastapi import Request
 
 from adapters.sources import SourceCatalog, hash_key
 from core.exceptions import InvalidInputError
+from serve_apps.cache import TtlCache
 
 CACHE_SECONDS = 5.0
-_CACHE_MAX = 10_000
 
 
 class AuthFailed(InvalidInputError):
@@ -39,9 +37,9 @@ class ApiKeys:
     """Resolves the tenant of a request's API key."""
 
     def __init__(self, dsn: str, catalog: SourceCatalog | None = None) -> None:
-        self._catalog = catalog or SourceCatalog(dsn)
-        # key hash -> (tenant or None when unknown, revoked, cached at)
-        self._cache: dict[str, tuple[str | None, bool, float]] = {}
+        catalog = catalog or SourceCatalog(dsn)
+        # Keyed by the key's hash: the raw keys are not kept in memory.
+        self._owners = TtlCache(catalog.key_owner, CACHE_SECONDS)
 
     async def tenant_for(self, request: Request) -> str:
         """The tenant whose key the request carries.
@@ -56,22 +54,10 @@ class ApiKeys:
             )
         if len(key) > 256:
             raise AuthFailed(401, "the API key is not a Rayline key (too long)")
-        tenant, revoked = await self._lookup(key)
-        if tenant is None:
+        found = await self._owners.get(hash_key(key))
+        if found is None:
             raise AuthFailed(401, "unknown API key: check it, or make one with `rayline keys add`")
+        tenant, revoked = found
         if revoked:
             raise AuthFailed(403, f"this API key of tenant {tenant!r} was revoked")
         return tenant
-
-    async def _lookup(self, key: str) -> tuple[str | None, bool]:
-        digest = hash_key(key)
-        now = time.monotonic()
-        hit = self._cache.get(digest)
-        if hit is not None and now - hit[2] < CACHE_SECONDS:
-            return hit[0], hit[1]
-        found = await self._catalog.key_owner(key)
-        tenant, revoked = (None, False) if found is None else found
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[digest] = (tenant, revoked, now)
-        return tenant, revoked

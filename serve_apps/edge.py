@@ -33,9 +33,9 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import orjson
 from fastapi import Request
@@ -49,13 +49,12 @@ from adapters.sources import Source, SourceCatalog
 from core import avro, formats, signatures
 from core.dead_letters import dead_letter_headers
 from core.envelope import ENVELOPE_SCHEMA, FieldError, partition_key, validate_events
+from core.exceptions import ConfigurationError
 from core.source_mapping import apply_mapping, parse_mapping
 from serve_apps.auth import ApiKeys, AuthFailed
+from serve_apps.cache import TtlCache
 from serve_apps.http import BodyTooLarge, read_body
 from serve_apps.schemas import AsyncSchemas
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 ALL_TENANTS = "*"  # a platform key may write events of any tenant
 _CACHE_SECONDS = 5.0
@@ -103,26 +102,6 @@ class _Reject(Exception):
     def __init__(self, answer: Answer) -> None:
         super().__init__(answer.body.get("error"))
         self.answer = answer
-
-
-class TtlCache(Generic[K, V]):
-    """Values loaded on a miss and kept ``ttl`` seconds (misses too)."""
-
-    def __init__(self, loader: Callable[[K], Awaitable[V]], ttl: float = _CACHE_SECONDS) -> None:
-        self._loader = loader
-        self._ttl = ttl
-        self._entries: dict[K, tuple[V, float]] = {}
-
-    async def get(self, key: K) -> V:
-        now = time.monotonic()
-        hit = self._entries.get(key)
-        if hit is not None and now - hit[1] < self._ttl:
-            return hit[0]
-        value = await self._loader(key)
-        if len(self._entries) > 10_000:
-            self._entries.clear()
-        self._entries[key] = (value, now)
-        return value
 
 
 class LagWatch:
@@ -186,7 +165,7 @@ class IngestEdge:
         self._deliveries = DeliveryLog(config.redis_url, config.delivery_ttl_s)
         self._stats = AsyncSourceStats(config.redis_url)
         self._lag = LagWatch(config)
-        self._sources = TtlCache(self._catalog.source)
+        self._sources = TtlCache(self._catalog.source, _CACHE_SECONDS)
         self._schemas = AsyncSchemas(self._catalog)
 
     def queued(self) -> int:
@@ -364,7 +343,16 @@ class IngestEdge:
         self, source: Source, decoded: formats.Decoded, request: Request, tenant: str
     ) -> list[tuple[int, Any]]:
         """Third-party payloads as raw envelopes; a mapping problem rejects the record."""
-        mapping = parse_mapping(source.mapping)
+        try:
+            mapping = parse_mapping(source.mapping)
+        except ConfigurationError as exc:  # a row written around `rayline sources add`
+            raise _Reject(
+                Answer.error(
+                    500,
+                    f"source {source.name!r} has an unusable mapping: {exc}; fix it with "
+                    f"`rayline sources add {source.name} --replace --mapping ...`",
+                )
+            ) from None
         received = int(self._clock() * 1000)
         out: list[tuple[int, Any]] = []
         for index, payload in decoded.records:

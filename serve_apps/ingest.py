@@ -16,7 +16,6 @@ import gc
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
 from ray import serve
 
 from serve_apps.edge import EdgeConfig, IngestEdge
@@ -26,7 +25,6 @@ app = FastAPI(
     title="Rayline ingest API",
     description="Takes events in (batch API, webhooks) and produces them to Kafka once "
     "validated. A 2xx is sent only after Kafka acknowledged every accepted record.",
-    default_response_class=ORJSONResponse,
 )
 
 

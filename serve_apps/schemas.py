@@ -8,6 +8,7 @@ import orjson
 
 from adapters.sources import SourceCatalog
 from core import avro
+from serve_apps.cache import TtlCache
 
 _CACHE_SECONDS = 5.0
 
@@ -21,8 +22,6 @@ class AsyncSchemas:
     """
 
     def __init__(self, catalog: SourceCatalog) -> None:
-        from serve_apps.edge import TtlCache  # one cache implementation for the edge
-
         self._catalog = catalog
         self._latest = TtlCache(self._load_latest, _CACHE_SECONDS)
         self._texts = TtlCache(catalog.schema_text, 3600.0)  # an id's schema never changes

@@ -30,6 +30,7 @@ from adapters.kafka import end_offsets
 from adapters.sources import Source, SourceCatalog
 from cluster.settings import Settings
 from core import avro, signatures
+from core.exceptions import ConfigurationError
 from serve_apps.edge import EdgeConfig, IngestEdge
 from serve_apps.ingest_routes import add_routes
 from tests.integration.conftest import eventually, pg, rayline, read_from, read_matching
@@ -442,6 +443,29 @@ def test_a_rotated_secret_keeps_the_old_one_working_for_the_grace_period(
             "github", secret, body, now_s=time.time(), delivery_id=str(uuid.uuid4())
         )
         assert client.post(url, content=body, headers=headers).status_code == 202
+
+
+def test_a_source_with_an_unusable_stored_mapping_is_500_and_writes_nothing(
+    client: TestClient, services: Settings, tenant: str
+) -> None:
+    bad = {"event_id": "$.a[[[", "bogus": "$"}
+    with pytest.raises(ConfigurationError, match="mapping field .event_id."):
+        _source(services, kind="webhook", tenant=tenant, mapping=bad)
+    name = f"src-{uuid.uuid4().hex[:10]}"  # so written around the catalog, with SQL
+    pg(services, "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
+    pg(
+        services,
+        "INSERT INTO sources (name, kind, tenant, mapping) VALUES ($1, 'webhook', $2, $3::jsonb)",
+        name,
+        tenant,
+        json.dumps(bad),
+    )
+    topics = Topics(services, tenant)
+    url = f"/v1/sources/{name}/webhook"
+    answer = client.post(url, json={"tenant": tenant}, headers=_key(services, tenant))
+    assert answer.status_code == 500
+    assert "rayline sources add" in answer.json()["error"]
+    assert topics.unchanged()
 
 
 def test_unknown_source_is_404(client: TestClient, services: Settings, tenant: str) -> None:

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from cluster.processes import PidFile, ProcessSpec, ServiceFailed, Supervisor, alive, port_open
+from cluster.processes import (
+    PidFile,
+    ProcessSpec,
+    ServiceFailed,
+    Supervisor,
+    alive,
+    log4j2_console,
+    port_open,
+)
 
 
 def spec(tmp_path: Path, argv: list[str], ready: bool = True, name: str = "svc") -> ProcessSpec:
@@ -88,3 +96,12 @@ def test_port_open_tells_a_listener_from_a_closed_port() -> None:
         assert port_open(port) is True
     assert port_open(port) is False
     assert port_open(1) is False
+
+
+def test_log4j2_console_holds_each_named_logger_at_its_level() -> None:
+    text = log4j2_console({"org.reflections": "ERROR", "state.change.logger": "WARN"})
+    props = dict(line.split(" = ", 1) for line in text.splitlines())
+    assert props["rootLogger.level"] == "INFO"
+    names = [k for k in props if k.startswith("logger.") and k.endswith(".name")]
+    named = {props[k]: props[k.removesuffix(".name") + ".level"] for k in names}
+    assert named == {"org.reflections": "ERROR", "state.change.logger": "WARN"}

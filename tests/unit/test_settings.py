@@ -36,6 +36,14 @@ def test_environment_overrides_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("pipeline:\n  transforms: [{filter: \"__import__('os')\"}]\n", "pipeline.transforms"),
         ("pipeline:\n  transforms: [{explode: x}]\n", "pipeline.transforms"),
         ("pipeline:\n  enrichment: [{table: dim}]\n", "pipeline.enrichment"),
+        ("ingest:\n  tenant_events_per_second: 0\n", "ingest.tenant_events_per_second"),
+        ("ingest:\n  signature_tolerance_seconds: -5\n", "ingest.signature_tolerance_seconds"),
+        ("ingest:\n  max_consumer_lag: -1\n", "ingest.max_consumer_lag"),
+        ("ingest:\n  delivery_ttl_seconds: 1\n", "ingest.delivery_ttl_seconds"),
+        ("ray:\n  auth_mode: off\n", "ray.auth_mode"),
+        ("s3:\n  port: 0\n", "s3.port"),
+        ("mqtt:\n  topic: x\n", "mqtt.topic"),
+        ("cdc:\n  port: 65536\n", "cdc.port"),
     ],
 )
 def test_unknown_or_invalid_keys_are_rejected(tmp_path: Path, yaml_text: str, where: str) -> None:
@@ -99,7 +107,22 @@ def test_configuration_doc_is_generated_from_the_settings() -> None:
     assert result.output.strip() in doc, "docs/configuration.md is stale: run `make docs`"
 
 
-@pytest.mark.parametrize("command", ["up", "down", "status", "demo", "config"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "up",
+        "down",
+        "status",
+        "demo",
+        "config",
+        "upload",
+        "sources",
+        "tenants",
+        "keys",
+        "devices",
+        "cdc",
+    ],
+)
 def test_every_command_has_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0
