@@ -6,26 +6,116 @@ Writers and the query API reach ClickHouse through it, with a DSN of ``chdb://``
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
-from adapters.clickhouse import ClickHouseStore
+from adapters.clickhouse import ClickHouseStore, Retention
 from adapters.exceptions import StoreUnavailable
+from adapters.query_cache import bump_generation
 from core.partition_state import WindowResult
 
 OWNER_NAME = "rayline-clickhouse"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerConfig:
+    """What the owner needs; built from the settings by ``cluster.deploy``."""
+
+    dsn: str
+    database: str
+    namespace: str = "rayline"
+    dimensions: tuple[str, ...] = ()
+    """Event attributes the aggregate tables are grouped by (``clickhouse.dimensions``)."""
+    retention: Retention = field(default_factory=Retention)
+    rollup_interval_seconds: float = 5.0
+    """How often the rollups follow the pipeline's sealed watermark; 0 turns that off."""
+    coordinator_actor: str = "rayline-coordinator"
+    redis_url: str | None = None
+    """Where the query cache lives; its entries are invalidated when a chunk is rewritten."""
 
 
 class ClickHouseOwner:
-    """Actor body: a ClickHouseStore, migrated on start."""
+    """Actor body: a ClickHouseStore, migrated on start, and the rollup loop.
 
-    def __init__(self, dsn: str, database: str) -> None:
-        self._store = ClickHouseStore(dsn, database)
+    The loop asks the coordinator for the sealed watermark and rolls the aggregate
+    tables up to it (``adapters.rollups``). The client serialises statements on its one
+    connection; a lock keeps two rollup steps (the loop's, a forced one) from overlapping.
+    """
+
+    def __init__(self, config: OwnerConfig) -> None:
+        self._config = config
+        self._store = ClickHouseStore(config.dsn, config.database)
         self._store.migrate()
+        self._store.apply_retention(config.retention)
+        self._rollups = self._store.rollups(config.dimensions)
+        self._rollup_lock = threading.Lock()
+        self._rollup_error: str | None = None
+        self._stopping = threading.Event()
+        if config.rollup_interval_seconds > 0:
+            threading.Thread(target=self._follow, name="rollups", daemon=True).start()
+
+    def _follow(self) -> None:
+        while not self._stopping.wait(self._config.rollup_interval_seconds):
+            try:
+                coordinator = ray.get_actor(
+                    self._config.coordinator_actor, namespace=self._config.namespace
+                )
+                ref: Any = coordinator.sealed_watermark.remote()
+                mark: int | None = ray.get(ref, timeout=30)
+                if mark is not None:
+                    self.advance_rollups(int(mark))
+                self._rollup_error = None
+            except (RayError, ValueError, TimeoutError, StoreUnavailable) as exc:
+                self._rollup_error = str(exc).splitlines()[0]
+                log.warning("rollups did not advance: %s", self._rollup_error)
+
+    def advance_rollups(self, sealed_ms: int) -> dict[str, int]:
+        """Roll the aggregates up to ``sealed_ms`` (never back); return the sealed points."""
+        with self._rollup_lock:
+            rewrites = self._rollups.rewrites
+            sealed = self._rollups.advance(sealed_ms)
+            if self._rollups.rewrites != rewrites and self._config.redis_url:
+                bump_generation(self._config.redis_url)
+            return sealed
+
+    def rebuild_rollups(self, from_ms: int, to_ms: int) -> dict[str, int]:
+        """Compute the sealed aggregates of the days in [from, to) again (a backfill)."""
+        with self._rollup_lock:
+            written = self._rollups.rebuild(from_ms, to_ms)
+        if self._config.redis_url:
+            bump_generation(self._config.redis_url)
+        return written
+
+    def execute(self, sql: str, parameters: dict[str, Any] | None = None) -> None:
+        """Run one statement as the owner (operators and the benchmark's seeding; not
+        reachable from any HTTP endpoint)."""
+        self._store.execute(sql, parameters or {})
+
+    def rollup_status(self) -> dict[str, Any]:
+        """Per table its sealed point (epoch ms), and the loop's last error."""
+        progress = self._rollups.progress()
+        return {
+            "sealed": {table: done for table, (done, _pending) in progress.items()},
+            "error": self._rollup_error,
+        }
+
+    def sealed_windows(self, after_ms: int, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Sealed minutes after ``after_ms``, oldest first (``SealedWindow.to_row``)."""
+        return [w.to_row() for w in self._rollups.sealed_windows(after_ms, limit)]
+
+    def run_query(
+        self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """A read for the query API: (columns, rows); ``QueryRejected`` when refused."""
+        return self._store.run_query(sql, parameters, settings)
 
     def insert_window_results(self, results: Sequence[WindowResult]) -> int:
         return self._store.insert_window_results(results)

@@ -41,6 +41,9 @@ class PartitionWorkerActor:
     ) -> list[WindowResult]:
         return self._worker.open_windows(tenant, type_, window, from_ms, to_ms)
 
+    def sealed_watermark(self) -> int | None:
+        return self._worker.sealed_watermark()
+
     def arm_crash(self, point: str, after_batches: int = 0) -> None:
         """Test hook: SIGKILL this actor's process at a named point of a coming batch."""
         self._worker.arm_crash(point, after_batches)
@@ -120,6 +123,21 @@ class Coordinator:
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 log.warning("a worker did not report its open windows: %s", exc)
         return found
+
+    def sealed_watermark(self) -> int | None:
+        """The lowest sealed watermark of all workers (see ``PartitionWorker``), or None
+        while any worker has none or does not answer: then nothing new is final."""
+        refs = [w.sealed_watermark.remote() for w in self._workers]
+        marks: list[int] = []
+        for ref in refs:
+            try:
+                mark = ray.get(ref, timeout=10)
+            except (ray.exceptions.RayError, TimeoutError):
+                return None
+            if mark is None:
+                return None
+            marks.append(int(mark))
+        return min(marks) if marks else None
 
     def _stop_workers(self) -> None:
         stops = [handle.stop.remote() for handle in self._workers]

@@ -186,6 +186,7 @@ class PartitionWorker:
         self._stats = WorkerStats()
         self._states: dict[int, PartitionState] = {}
         self._pending: list[WindowResult] = []  # closed, not yet acknowledged by the sink
+        self._sealed: dict[int, int] = {}  # partition -> watermark with all events below written
         self._runtime = Runtime()
         self._inputs: RuntimeInputs | None = None
         self._crash_at: tuple[str, int] | None = None
@@ -363,6 +364,7 @@ class PartitionWorker:
             for outcome, _box in outboxes.values():
                 self._pending.extend(outcome.closed)
         if not outboxes:
+            self._note_sealed(wall_ms)
             return []
         saved = self._checkpoint(store, {p: box for p, (_o, box) in outboxes.items()})
         self._maybe_crash("before_sink")
@@ -383,7 +385,33 @@ class PartitionWorker:
                 s.rejected += len(outcome.rejected)
                 s.filtered += outcome.filtered
                 s.alerts += len(outcome.alerts)
+        self._note_sealed(wall_ms)
         return sorted(saved)
+
+    def _note_sealed(self, wall_ms: int) -> None:
+        """Record each partition's watermark now that every event below it is written.
+
+        A partition that has seen no event yet has no watermark; it follows the wall
+        clock (less the allowed lateness), as an idle partition's does.
+        """
+        lateness = self._config.processing.allowed_lateness_ms
+        with self._lock:
+            self._sealed = {
+                p: st.watermark.floor if st.watermark.floor is not None else wall_ms - lateness
+                for p, st in self._states.items()
+            }
+
+    def sealed_watermark(self) -> int | None:
+        """The lowest watermark of this worker's partitions whose events are all written.
+
+        No event below it can count any more (it would be late), so every minute that
+        ends at or before it is final. None before the first batch.
+        """
+        with self._lock:
+            marks = [self._sealed.get(p) for p in self._states]
+        if not marks or any(m is None for m in marks):
+            return None
+        return min(m for m in marks if m is not None)
 
     # Snapshot, effects, commit -------------------------------------------------
 

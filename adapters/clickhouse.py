@@ -14,6 +14,7 @@ the row instead of adding to it. A caller may retry a failed write at will.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,8 +22,42 @@ import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from adapters.exceptions import StoreUnavailable
+from adapters.exceptions import QueryRejected, StoreUnavailable
+from adapters.rollups import QUANTILE_LEVELS, Rollups
 from core.partition_state import WindowResult
+
+
+def _aggregate_table(name: str, partition: str) -> str:
+    """DDL of a window aggregate table: mergeable states, one row per bucket and group.
+
+    ``events``, sums and extremes are simple aggregates; distinct counts (``uniq``) and
+    quantiles (t-digest) are ``-State`` columns, so buckets, groups and rollups merge
+    without losing accuracy. ``dims`` follows from ``group_key`` (it is the same pairs
+    as a map), hence allowed outside the sorting key. The deduplication window lets a
+    chunk inserted again with the same token be dropped (see ``adapters.rollups``).
+    """
+    return f"""
+        CREATE TABLE IF NOT EXISTS {{db}}.{name}
+        (
+            tenant LowCardinality(String),
+            type LowCardinality(String),
+            window_start DateTime('UTC'),
+            group_key String,
+            dims Map(LowCardinality(String), String),
+            events SimpleAggregateFunction(sum, UInt64),
+            value_sum SimpleAggregateFunction(sum, Float64),
+            value_min SimpleAggregateFunction(min, Float64),
+            value_max SimpleAggregateFunction(max, Float64),
+            distinct_state AggregateFunction(uniq, String),
+            quantiles_state AggregateFunction(quantilesTDigest({QUANTILE_LEVELS}), Float64)
+        )
+        ENGINE = AggregatingMergeTree
+        PARTITION BY {partition}
+        ORDER BY (tenant, type, window_start, group_key)
+        SETTINGS non_replicated_deduplication_window = 10000,
+            allow_dimensions_outside_sorting_key = 1
+        """
+
 
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -105,7 +140,82 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         ORDER BY (tenant, type, ts, source, event_id)
         """,
     ),
+    (
+        6,
+        # Entity lookups in raw search skip granules by a bloom filter instead of reading
+        # the whole day.
+        "ALTER TABLE {db}.events ADD INDEX IF NOT EXISTS entity_bloom entity "
+        "TYPE bloom_filter(0.01) GRANULARITY 4",
+    ),
+    (7, _aggregate_table("windows_1m", "toYYYYMM(window_start)")),
+    (8, _aggregate_table("rollup_1h", "toYYYYMM(window_start)")),
+    (9, _aggregate_table("rollup_1d", "toYear(window_start)")),
+    (
+        10,
+        # How far each aggregate table is final. `pending_until` is written before a
+        # chunk is inserted, so a chunk interrupted by a crash is redone with the same
+        # bounds and deduplication token (and dropped by ClickHouse if it had landed).
+        """
+        CREATE TABLE IF NOT EXISTS {db}.rollup_progress
+        (
+            name LowCardinality(String),
+            sealed_until DateTime64(3, 'UTC'),
+            pending_until DateTime64(3, 'UTC'),
+            updated_at DateTime64(6, 'UTC') DEFAULT now64(6)
+        )
+        ENGINE = ReplacingMergeTree(updated_at)
+        ORDER BY name
+        """,
+    ),
+    (
+        11,
+        # Data quality of the stored events, per sealed minute and source.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.data_quality_1m
+        (
+            tenant LowCardinality(String),
+            source LowCardinality(String),
+            type LowCardinality(String),
+            window_start DateTime('UTC'),
+            events SimpleAggregateFunction(sum, UInt64),
+            empty_entity SimpleAggregateFunction(sum, UInt64),
+            non_finite_value SimpleAggregateFunction(sum, UInt64),
+            undecodable_payload SimpleAggregateFunction(sum, UInt64),
+            max_delay_seconds SimpleAggregateFunction(max, Float64)
+        )
+        ENGINE = AggregatingMergeTree
+        PARTITION BY toYYYYMM(window_start)
+        ORDER BY (tenant, source, type, window_start)
+        SETTINGS non_replicated_deduplication_window = 10000
+        """,
+    ),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """Days each table keeps its rows (0: forever)."""
+
+    raw_days: int = 30
+    minute_days: int = 90
+    hour_days: int = 730
+    day_days: int = 0
+
+    def tables(self) -> list[tuple[str, str, int]]:
+        return [
+            ("events", "ts", self.raw_days),
+            ("windows_1m", "window_start", self.minute_days),
+            ("data_quality_1m", "window_start", self.minute_days),
+            ("rollup_1h", "window_start", self.hour_days),
+            ("rollup_1d", "window_start", self.day_days),
+        ]
+
+
+def _first_line(text: str) -> str:
+    """ClickHouse's reason, without the statement and settings it echoes."""
+    line = text.strip().splitlines()[0] if text.strip() else text
+    line = line.split(". (", 1)[0] if "DB::Exception:" in line else line
+    return line[:300]
 
 
 def _utc(ms: int) -> datetime:
@@ -129,6 +239,8 @@ class ClickHouseStore:
 
     def __init__(self, dsn: str, database: str) -> None:
         self._database = database
+        self._dsn = dsn
+        self._reader: Any = None
         try:
             self._client = clickhouse_connect.get_client(dsn=dsn)
         except (ClickHouseError, OSError) as exc:
@@ -295,9 +407,69 @@ class ClickHouseStore:
         except StoreUnavailable:
             return False
 
-    def _command(self, sql: str) -> None:
+    def rollups(self, dimensions: Sequence[str]) -> Rollups:
+        """The rollup steps over this database (see ``adapters.rollups``)."""
+        return Rollups(self._database, dimensions, self._command, self._query)
+
+    def apply_retention(self, retention: Retention) -> list[str]:
+        """Set each table's TTL to the configured days (0: keep); return the tables changed."""
+        changed = []
+        for table, column, days in retention.tables():
+            engine = self._query(
+                "SELECT engine_full FROM system.tables "
+                "WHERE database = {db:String} AND name = {table:String}",
+                {"db": self._database, "table": table},
+            )
+            current = engine[0][0] if engine else ""
+            wanted = f"toIntervalDay({days})" if days else None
+            has_ttl = " TTL " in current
+            if (wanted is None and not has_ttl) or (wanted is not None and wanted in current):
+                continue
+            ttl = (
+                "REMOVE TTL"
+                if wanted is None
+                else f"MODIFY TTL toDateTime({column}) + INTERVAL {int(days)} DAY"
+            )
+            self._command(f"ALTER TABLE {self._database}.{table} {ttl}")
+            changed.append(table)
+        return changed
+
+    def execute(self, sql: str, parameters: dict[str, Any]) -> None:
+        """Run one statement (DDL, INSERT ... SELECT) with bound parameters."""
+        self._command(sql, parameters)
+
+    def run_query(
+        self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run a read; return (column names, rows). Errors become ``QueryRejected``."""
+        if self._reader is None:  # bound to the database: tables may be named bare
+            self._reader = clickhouse_connect.get_client(dsn=self._dsn, database=self._database)
         try:
-            self._client.command(sql)
+            result = self._reader.query(sql, parameters=parameters, settings=settings)
+        except ClickHouseError as exc:
+            # A query that failed mid-answer can leave the rest of its stream behind;
+            # a fresh client makes sure no later query reads any of it.
+            self._reader.close()
+            self._reader = None
+            raise QueryRejected(_first_line(str(exc))) from exc
+        except MemoryError as exc:
+            self._reader.close()
+            self._reader = None
+            raise QueryRejected("the query needs more memory than it may use") from exc
+        except (IndexError, ValueError, TypeError) as exc:  # an answer the driver misread
+            self._reader.close()
+            self._reader = None
+            raise QueryRejected(f"the answer could not be read: {exc}") from exc
+        return list(result.column_names), [tuple(r) for r in result.result_rows]
+
+    def _command(
+        self,
+        sql: str,
+        parameters: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            self._client.command(sql, parameters=parameters, settings=settings)
         except ClickHouseError as exc:
             raise StoreUnavailable(f"ClickHouse failed: {exc}") from exc
 
@@ -308,4 +480,6 @@ class ClickHouseStore:
             raise StoreUnavailable(f"ClickHouse query failed: {exc}") from exc
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self._client.close()

@@ -15,3 +15,8 @@ class Backpressure(RaylineError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class QueryRejected(RaylineError):
+    """ClickHouse refused a query (syntax, a limit, a read-only setting); the first line of
+    its message says why. Not a store outage: the caller's query needs changing."""

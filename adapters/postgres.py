@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -25,6 +25,8 @@ async def _ensure_database(admin_dsn: str, database: str) -> bool:
     finally:
         await conn.close()
 
+
+T = TypeVar("T")
 
 def ensure_database(admin_dsn: str, database: str) -> bool:
     """Create ``database`` when missing; True when it was created now."""
@@ -172,6 +174,104 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        4,
+        # Alerting (docs/alerting.md): rules and silences per tenant, incidents, every
+        # channel attempt, the outbox of notifications not yet delivered, acknowledge
+        # requests from the API, and the engine's snapshot with its feed cursor.
+        """
+        CREATE TABLE IF NOT EXISTS alert_rules (
+            tenant text NOT NULL,
+            id text NOT NULL,
+            spec jsonb NOT NULL,
+            enabled boolean NOT NULL DEFAULT true,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, id)
+        );
+        CREATE INDEX IF NOT EXISTS alert_rules_enabled ON alert_rules (enabled, tenant);
+        CREATE TABLE IF NOT EXISTS alert_silences (
+            id text PRIMARY KEY,
+            tenant text NOT NULL,
+            rule_id text,
+            group_key text,
+            starts_at timestamptz NOT NULL,
+            ends_at timestamptz NOT NULL,
+            comment text NOT NULL DEFAULT '',
+            created_by text NOT NULL DEFAULT '',
+            created_at timestamptz NOT NULL DEFAULT now(),
+            CHECK (ends_at > starts_at)
+        );
+        CREATE INDEX IF NOT EXISTS alert_silences_tenant ON alert_silences (tenant, ends_at);
+        CREATE INDEX IF NOT EXISTS alert_silences_ends ON alert_silences (ends_at);
+        CREATE TABLE IF NOT EXISTS incidents (
+            id text PRIMARY KEY,
+            tenant text NOT NULL,
+            rule_id text NOT NULL,
+            group_key text NOT NULL,
+            state text NOT NULL CHECK (state IN ('firing', 'acknowledged', 'resolved')),
+            silenced boolean NOT NULL DEFAULT false,
+            opened_at timestamptz NOT NULL,
+            acked_at timestamptz,
+            acked_by text,
+            resolved_at timestamptz,
+            last_value double precision,
+            summary text NOT NULL DEFAULT '',
+            occurrences integer NOT NULL DEFAULT 1,
+            details jsonb NOT NULL DEFAULT '{}',
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX IF NOT EXISTS incidents_tenant_state
+            ON incidents (tenant, state, opened_at DESC);
+        CREATE INDEX IF NOT EXISTS incidents_tenant_rule ON incidents (tenant, rule_id);
+        CREATE TABLE IF NOT EXISTS notification_log (
+            id bigserial PRIMARY KEY,
+            incident_id text NOT NULL,
+            tenant text NOT NULL,
+            channel text NOT NULL CHECK (channel IN ('slack', 'pagerduty')),
+            action text NOT NULL,
+            attempt integer NOT NULL,
+            status_code integer,
+            error text,
+            payload jsonb NOT NULL,
+            sent_at timestamptz NOT NULL,
+            delivered boolean NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS notification_log_incident
+            ON notification_log (incident_id, sent_at);
+        CREATE TABLE IF NOT EXISTS alert_outbox (
+            id bigserial PRIMARY KEY,
+            incident_id text NOT NULL,
+            channel text NOT NULL,
+            action text NOT NULL,
+            notification jsonb NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            done_at timestamptz,
+            delivered boolean
+        );
+        CREATE INDEX IF NOT EXISTS alert_outbox_pending ON alert_outbox (id) WHERE done_at IS NULL;
+        CREATE TABLE IF NOT EXISTS alert_ack_requests (
+            id bigserial PRIMARY KEY,
+            incident_id text NOT NULL,
+            tenant text NOT NULL,
+            requested_by text NOT NULL,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            done_at timestamptz,
+            outcome text
+        );
+        CREATE INDEX IF NOT EXISTS alert_ack_requests_pending
+            ON alert_ack_requests (id) WHERE done_at IS NULL;
+        CREATE TABLE IF NOT EXISTS alerting_state (
+            name text PRIMARY KEY,
+            evaluator jsonb NOT NULL,
+            book jsonb NOT NULL,
+            cep jsonb NOT NULL DEFAULT '{}',
+            cursor_ms bigint NOT NULL,
+            kafka_offsets jsonb NOT NULL DEFAULT '{}',
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )
 
 
@@ -222,18 +322,25 @@ class _Connection:
         in_flight: Callable[[], None] | None = None,
     ) -> Any:
         async def run() -> object:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self._dsn, timeout=10)
-            statement = asyncio.ensure_future(
-                getattr(self._conn, fetch)(sql, *args, timeout=30)
-            )
+            conn = await self._connection()
+            statement = asyncio.ensure_future(getattr(conn, fetch)(sql, *args, timeout=30))
             if in_flight is not None:
                 await asyncio.sleep(0)  # the statement is on its way to the server
                 in_flight()
             return await statement
 
+        return self._run_async(run())
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self._dsn, timeout=10)
+        return self._conn
+
+    def _run_async(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on this connection's loop; driver errors become StoreUnavailable
+        (and a broken connection is dropped, to reconnect on the next call)."""
         try:
-            return self._loop.run_until_complete(run())
+            return self._loop.run_until_complete(work)
         except (TimeoutError, OSError, asyncpg.InterfaceError) as exc:
             self._conn = None
             raise StoreUnavailable(f"{self._what} failed: {exc}") from exc

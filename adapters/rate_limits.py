@@ -88,18 +88,14 @@ class Decision:
                 f"{cost} events in one request is more than the burst of the {self.limited_by} "
                 "rate limit: split the batch"
             )
-        return (
-            f"rate limit of {self.limited_by} reached; retry in {self.retry_after_s:.1f} s"
-        )
+        return f"rate limit of {self.limited_by} reached; retry in {self.retry_after_s:.1f} s"
 
 
 class RateLimiter:
     """Takes tokens from several buckets at once (asyncio)."""
 
     def __init__(self, redis_url: str) -> None:
-        self._redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=2, socket_connect_timeout=2
-        )
+        self._redis = aioredis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self._take = self._redis.register_script(_TAKE)
 
     async def take(self, buckets: Sequence[Bucket], cost: int) -> Decision:

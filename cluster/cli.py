@@ -20,6 +20,7 @@ from cluster.cli_cdc import cdc_app
 from cluster.cli_context import settings_of as _settings
 from cluster.cli_devices import devices_app
 from cluster.cli_metadata import rules_app, schemas_app
+from cluster.cli_rollups import rollups_app
 from cluster.cli_sources import keys_app, sources_app, tenants_app
 from cluster.cli_upload import upload
 from cluster.settings import Settings, describe_settings, load_settings
@@ -28,7 +29,7 @@ from core.exceptions import RaylineError
 app = typer.Typer(
     help="Rayline: a real-time analytics pipeline on Ray, Kafka and ClickHouse.\n\n"
     "Start with `rayline up`, send events to POST /v1/events, read them back from "
-    "GET /v1/metrics/{type}; `rayline demo` does all of that with a live view.",
+    "GET /v1/query/latest/{type}; `rayline demo` does all of that with a live view.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -208,7 +209,7 @@ def _print_status(settings: Settings) -> None:
     s = settings
     console.print(
         f"ingest: http://{s.serve.host}:{s.serve.port}/v1/events   "
-        f"query: http://{s.serve.host}:{s.serve.port}/v1/metrics/{{type}}?tenant=...   "
+        f"query: http://{s.serve.host}:{s.serve.port}/v1/query/docs   "
         f"Ray dashboard: http://{s.ray.host}:{s.ray.dashboard_port}"
     )
 
@@ -253,6 +254,7 @@ def scale_workers(
 app.add_typer(rules_app, name="rules")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(cdc_app, name="cdc")
+app.add_typer(rollups_app, name="rollups")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(sources_app, name="sources")
@@ -298,7 +300,10 @@ def demo(
         rows = demo_mod.check_counts(settings, run)
         ok = _print_summary(settings, run, base, final, rows)
         tenant = rows[0][0] if rows else "acme"
-        console.print(f"try: curl '{base_url(settings)}/v1/metrics/purchase?tenant={tenant}'")
+        console.print(
+            f'try: curl -H "Authorization: Bearer $(rayline keys add {tenant})" '
+            f"'{base_url(settings)}/v1/query/latest/purchase'"
+        )
         if after is Then.wait:
             console.print("The stack keeps running; press Ctrl-C to stop it.")
             threading.Event().wait()
@@ -348,7 +353,7 @@ def _print_summary(
         f"failed requests {run.failed_requests}"
     )
     s = settings
-    console.print(f"query API: {base_url(s)}/v1/metrics/{{type}}?tenant=<tenant>")
+    console.print(f"query API: {base_url(s)}/v1/query/docs (API keys: rayline keys add <tenant>)")
     console.print(f"Ray dashboard: http://{s.ray.host}:{s.ray.dashboard_port}")
     return ok
 

@@ -151,8 +151,10 @@ def sources_add(
     settings = _settings(ctx)
     _run(settings, lambda c: c.add_source(source, replace=replace))
     url = f"http://{settings.serve.host}:{settings.serve.port}/v1/sources/{name}/webhook"
-    console.print(f"source [bold]{name}[/bold] ({kind}) added" + (f": {url}" if kind in (
-        "webhook", "api") else ""))
+    console.print(
+        f"source [bold]{name}[/bold] ({kind}) added"
+        + (f": {url}" if kind in ("webhook", "api") else "")
+    )
     if secret is not None:
         console.print(f"signing secret ({scheme}), shown only now:")
         print(secret)
@@ -185,8 +187,13 @@ def sources_list(
     table = Table("name", "kind", "tenant", "auth", "schema", "rate", "enabled")
     for d in data:
         table.add_row(
-            d["name"], d["kind"], d["tenant"] or "", d["auth"], d["schema"] or "",
-            "" if d["rate"] is None else f"{d['rate']:g}/s", str(d["enabled"]),
+            d["name"],
+            d["kind"],
+            d["tenant"] or "",
+            d["auth"],
+            d["schema"] or "",
+            "" if d["rate"] is None else f"{d['rate']:g}/s",
+            str(d["enabled"]),
         )
     console.print(table)
 
@@ -208,8 +215,9 @@ def sources_rotate(
         raise ConfigurationError(f"{name!r} is not an HMAC-signed source (see `sources list`)")
     secret = signatures.new_secret(source.scheme)
     _run(settings, lambda c: c.rotate_secret(name, secret, grace_seconds))
-    console.print(f"new secret of {name} ({source.scheme}); the old one works "
-                  f"{grace_seconds} s more:")
+    console.print(
+        f"new secret of {name} ({source.scheme}); the old one works {grace_seconds} s more:"
+    )
     print(secret)
 
 

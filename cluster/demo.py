@@ -29,6 +29,8 @@ TYPES = ("page_view", "purchase", "signup")
 class DemoRun:
     """What the synthetic source sent, and what came back."""
 
+    key: str = ""
+    """The platform key the demo sends and reads with."""
     sent: int = 0
     failed_requests: int = 0
     retried_requests: int = 0
@@ -119,7 +121,8 @@ async def produce(
     run.first_ts_ms = int(time.time() * 1000)
     in_flight: set[asyncio.Task[None]] = set()
     limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-    headers = {"authorization": f"Bearer {await demo_key(settings)}"}
+    run.key = await demo_key(settings)
+    headers = {"authorization": f"Bearer {run.key}"}
     async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
         seq = 0
         while (elapsed := time.monotonic() - run.started_at) < duration:
@@ -209,10 +212,11 @@ async def run_demo(
 
 def check_counts(settings: Settings, run: DemoRun) -> list[tuple[str, str, int, int, int, float]]:
     """Ask the query API for every metric sent: (tenant, type, sent, counted, sum sent, sum)."""
-    url = f"{base_url(settings)}/v1/metrics"
+    url = f"{base_url(settings)}/v1/query/latest"
     start = run.first_ts_ms / 1000 - 3600  # wide enough for any window kind
     rows = []
-    with httpx.Client(timeout=30) as client:
+    headers = {"authorization": f"Bearer {run.key}"}
+    with httpx.Client(timeout=30, headers=headers) as client:
         for (tenant, type_), (count, total) in sorted(run.expected.items()):
             answer = client.get(
                 f"{url}/{type_}", params={"tenant": tenant, "from": start, "to": time.time() + 120}

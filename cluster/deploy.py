@@ -17,13 +17,16 @@ import ray
 from ray import serve
 
 from actors.cdc_applier import APPLIER_NAME, CdcApplierActor, CdcApplierConfig
-from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner
+from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner, OwnerConfig
 from actors.coordinator import COORDINATOR_NAME, Coordinator
 from actors.mqtt_bridge import BRIDGE_NAME, MqttBridgeActor
 from actors.partition_worker import WorkerConfig
 from actors.poller_supervisor import SUPERVISOR_NAME as POLLER_NAME
 from actors.poller_supervisor import PollerSupervisor, SupervisorConfig
+from adapters.clickhouse import Retention
 from adapters.s3 import S3Config
+from cluster.deploy_alerting import deploy_alerting
+from cluster.deploy_archive import deploy_archiver
 from cluster.mosquitto import bridge_config
 from cluster.processes import ServiceFailed
 from cluster.settings import Settings
@@ -34,6 +37,7 @@ from data_jobs import publish_upload
 from serve_apps.edge import EdgeConfig
 from serve_apps.ingest import IngestAPI
 from serve_apps.query import QueryAPI, QueryConfig
+from serve_apps.query_service import QueryLimits
 from serve_apps.registry import RegistryConfig, SchemaRegistryAPI
 from serve_apps.uploads import ROUTE_PREFIX as UPLOADS_PREFIX
 from serve_apps.uploads import UploadsAPI, UploadsConfig
@@ -43,6 +47,7 @@ UPLOADS_APP = "uploads"
 REGISTRY_APP = "registry"
 REGISTRY_PREFIX = "/registry"
 QUERY_APP = "query"
+QUERY_PREFIX = "/v1/query"
 
 
 @contextmanager
@@ -146,15 +151,55 @@ def _singleton(cls: type, name: str, namespace: str, *args: Any) -> Any:
 def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> None:
     """Create what is missing; must run inside :func:`connected`."""
     ns = settings.ray.namespace
-    owner = _singleton(
-        ClickHouseOwner, OWNER_NAME, ns, settings.clickhouse_dsn(), settings.clickhouse.database
-    )
+    owner = _singleton(ClickHouseOwner, OWNER_NAME, ns, owner_config(settings))
     ray.get(owner.ping.remote())
     _singleton(CdcApplierActor, APPLIER_NAME, ns, cdc_config(settings))
     workers = settings.pipeline.workers
     _singleton(Coordinator, COORDINATOR_NAME, ns, worker_config(settings), workers, ns, 0)
     _deploy_sources(settings)
     _deploy_serve(settings, say)
+    deploy_archiver(settings)
+    deploy_alerting(settings)
+
+
+def owner_config(settings: Settings) -> OwnerConfig:
+    ch = settings.clickhouse
+    return OwnerConfig(
+        dsn=settings.clickhouse_dsn(),
+        database=ch.database,
+        namespace=settings.ray.namespace,
+        dimensions=ch.dimensions,
+        retention=Retention(
+            raw_days=ch.raw_ttl_days,
+            minute_days=ch.minute_ttl_days,
+            hour_days=ch.hour_ttl_days,
+            day_days=ch.day_ttl_days,
+        ),
+        rollup_interval_seconds=ch.rollup_interval_seconds,
+        coordinator_actor=COORDINATOR_NAME,
+        redis_url=settings.redis.url(),
+    )
+
+
+def query_config(settings: Settings) -> QueryConfig:
+    q = settings.query
+    return QueryConfig(
+        namespace=settings.ray.namespace,
+        clickhouse_actor=OWNER_NAME,
+        coordinator_actor=COORDINATOR_NAME,
+        windows=settings.pipeline.windows,
+        limits=QueryLimits(
+            database=settings.clickhouse.database,
+            dimensions=settings.clickhouse.dimensions,
+            max_points=q.max_points,
+            sql_max_seconds=q.sql_max_seconds,
+            sql_max_rows=q.sql_max_rows,
+            sql_max_rows_to_read=q.sql_max_rows_to_read,
+        ),
+        dsn=settings.postgres.dsn(),
+        redis_url=settings.redis.url(),
+        cache_seconds=q.cache_seconds,
+    )
 
 
 def cdc_config(settings: Settings) -> CdcApplierConfig:
@@ -235,15 +280,8 @@ def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
         say("deploying the query Serve app ...")
         query = QueryAPI.options(  # type: ignore[attr-defined]
             max_ongoing_requests=sv.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
-        ).bind(
-            QueryConfig(
-                namespace=settings.ray.namespace,
-                clickhouse_actor=OWNER_NAME,
-                coordinator_actor=COORDINATOR_NAME,
-                windows=settings.pipeline.windows,
-            )
-        )
-        serve.run(query, name=QUERY_APP, route_prefix="/v1/metrics", blocking=False)
+        ).bind(query_config(settings))
+        serve.run(query, name=QUERY_APP, route_prefix=QUERY_PREFIX, blocking=False)
     _wait_http(settings)
 
 

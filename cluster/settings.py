@@ -9,6 +9,7 @@ its parts) and never reads the environment itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -106,6 +107,59 @@ class ClickHouseSettings(_Part):
         "for a server. Default: chdb:// in the state folder.",
     )
     database: str = Field("rayline", description="ClickHouse database of Rayline's tables.")
+    dimensions: tuple[str, ...] = Field(
+        (),
+        description="Event attributes (`attributes.<name>`) the 1m/1h/1d aggregate tables "
+        "are grouped by; the query API filters and groups aggregates by these only. "
+        "Changing them applies to minutes rolled up from then on.",
+    )
+    raw_ttl_days: int = Field(30, ge=0, description="Days raw events are kept (0: forever).")
+    minute_ttl_days: int = Field(
+        90,
+        ge=0,
+        description="Days 1-minute aggregates and data-quality rows are kept (0: forever).",
+    )
+    hour_ttl_days: int = Field(730, ge=0, description="Days 1-hour rollups are kept (0: forever).")
+    day_ttl_days: int = Field(0, ge=0, description="Days 1-day rollups are kept (0: forever).")
+    rollup_interval_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How often the rollups follow the pipeline's sealed watermark (0: never; "
+        "then only `rayline rollups` advances them).",
+    )
+
+    @field_validator("dimensions")
+    @classmethod
+    def _dimensions_named(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+                raise ValueError(
+                    f"dimension {name!r} is not an attribute name: letters, digits and _, "
+                    "not starting with a digit, at most 64 characters"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"dimensions must be distinct, got {list(value)}")
+        return value
+
+
+class QuerySettings(_Part):
+    max_points: int = Field(
+        1500, ge=10, le=100_000, description="Most buckets one time-series answer may hold."
+    )
+    cache_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="How long a fully sealed answer stays in the Redis query cache (0: no cache).",
+    )
+    sql_max_seconds: float = Field(
+        10.0, gt=0, le=300, description="Time limit of one `/v1/query/sql` statement."
+    )
+    sql_max_rows: int = Field(
+        10_000, ge=1, le=1_000_000, description="Most rows `/v1/query/sql` returns."
+    )
+    sql_max_rows_to_read: int = Field(
+        500_000_000, ge=1, description="Most rows one `/v1/query/sql` statement may read."
+    )
 
 
 class RaySettings(_Part):
@@ -371,6 +425,74 @@ class PipelineSettings(_Part):
         return value
 
 
+class AlertingSettings(_Part):
+    slack_webhook_url: SecretStr | None = Field(
+        None,
+        description="Slack incoming-webhook URL that gets every notification; "
+        "empty: Slack is skipped (never logged).",
+    )
+    pagerduty_events_url: str = Field(
+        "https://events.pagerduty.com/v2/enqueue",
+        description="PagerDuty Events API v2 endpoint (trigger, acknowledge, resolve).",
+    )
+    pagerduty_routing_key: SecretStr | None = Field(
+        None,
+        description="PagerDuty integration (routing) key; empty: PagerDuty is skipped "
+        "(never logged).",
+    )
+    retry_attempts: int = Field(
+        5, ge=1, le=20, description="Most tries of one notification on one channel."
+    )
+    retry_base_seconds: float = Field(
+        0.5,
+        gt=0,
+        description="Backoff ceiling of the first retry; it doubles per retry "
+        "(full jitter, capped at `retry_max_seconds`).",
+    )
+    retry_max_seconds: float = Field(
+        30.0, gt=0, description="Largest wait between two tries of one notification."
+    )
+    poll_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="How often the alerting engine reads new sealed windows and CEP matches "
+        "and reloads rules and silences.",
+    )
+    request_timeout_seconds: float = Field(
+        10.0, gt=0, description="Timeout of one HTTP request to Slack or PagerDuty."
+    )
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> AlertingSettings:
+        if self.retry_max_seconds < self.retry_base_seconds:
+            raise ValueError(
+                f"retry_max_seconds ({self.retry_max_seconds}) must be at least "
+                f"retry_base_seconds ({self.retry_base_seconds})"
+            )
+        return self
+
+
+class ArchiveSettings(_Part):
+    enabled: bool = Field(
+        True, description="Run the archiver: raw events and dead letters to S3 as Parquet."
+    )
+    prefix: str = Field(
+        "archive", description="Key prefix of the archive in the S3 bucket (`s3.bucket`)."
+    )
+    consumer_group: str = Field(
+        "rayline-archiver", description="Group id under which the archiver commits offsets."
+    )
+    flush_seconds: float = Field(
+        60.0, gt=0, description="Longest time (s) a record waits in the archiver's buffer."
+    )
+    max_rows: int = Field(
+        200_000, ge=1, description="Most records the archiver buffers before it writes them."
+    )
+    row_group_rows: int = Field(
+        100_000, ge=1, description="Most rows in one Parquet row group of an archive file."
+    )
+
+
 class Settings(BaseSettings):
     """Everything Rayline can be told. Build it with :func:`load_settings`."""
 
@@ -388,6 +510,7 @@ class Settings(BaseSettings):
     clickhouse: ClickHouseSettings = Field(
         default_factory=ClickHouseSettings, description="ClickHouse."
     )
+    query: QuerySettings = Field(default_factory=QuerySettings, description="Query API.")
     ray: RaySettings = Field(default_factory=RaySettings, description="Ray cluster.")
     serve: ServeSettings = Field(default_factory=ServeSettings, description="Ray Serve apps.")
     pipeline: PipelineSettings = Field(
@@ -399,6 +522,12 @@ class Settings(BaseSettings):
     s3: S3Settings = Field(default_factory=S3Settings, description="S3 raw archive.")
     cdc: CdcSettings = Field(default_factory=CdcSettings, description="Database CDC.")
     mqtt: MqttSettings = Field(default_factory=MqttSettings, description="MQTT (IoT) bridge.")
+    archive: ArchiveSettings = Field(
+        default_factory=ArchiveSettings, description="S3 raw archive (Parquet, zstd)."
+    )
+    alerting: AlertingSettings = Field(
+        default_factory=AlertingSettings, description="Alerting: rules, incidents, channels."
+    )
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:

@@ -285,9 +285,7 @@ class WindowOperator:
         closed.sort(key=lambda w: (w.start, repr(w.group)))
         return closed
 
-    def _windows(
-        self, wanted: Callable[[int], bool], sketches: bool = True
-    ) -> list[ClosedWindow]:
+    def _windows(self, wanted: Callable[[int], bool], sketches: bool = True) -> list[ClosedWindow]:
         """The windows whose end is ``wanted``, each the merge of its panes."""
         assert not isinstance(self.spec, Session)
         step, length = self.step_ms, self.spec.length_ms

@@ -229,9 +229,14 @@ class IngestEdge:
             raise _Reject(Answer.error(exc.status, str(exc))) from None
         except StoreUnavailable as exc:
             raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
-        if source is not None and source.tenant is not None and tenant not in (
-            source.tenant,
-            ALL_TENANTS,
+        if (
+            source is not None
+            and source.tenant is not None
+            and tenant
+            not in (
+                source.tenant,
+                ALL_TENANTS,
+            )
         ):
             raise _Reject(
                 Answer.error(
@@ -298,9 +303,7 @@ class IngestEdge:
         except BodyTooLarge as exc:
             raise _Reject(Answer.error(413, str(exc))) from None
 
-    async def _decode(
-        self, fmt: str, body: bytes, source: Source | None = None
-    ) -> formats.Decoded:
+    async def _decode(self, fmt: str, body: bytes, source: Source | None = None) -> formats.Decoded:
         csv_schema = None
         if fmt == "csv" and source is not None and source.schema_subject:
             csv_schema = await self._schemas.latest_json(source.schema_subject)
@@ -414,9 +417,7 @@ class IngestEdge:
         for error in decoded.errors:
             self._reject(batch, source, error.index, [("", error.message)], error.raw, received)
         items = [record for _, record in records]
-        envelopes, problems = validate_events(
-            items, default_source=source, received_at_ms=received
-        )
+        envelopes, problems = validate_events(items, default_source=source, received_at_ms=received)
         bad = _group(problems)
         trace = _traceparent(request.headers.get("traceparent"))
         plain: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]

@@ -1,9 +1,18 @@
-"""Query Serve app: ``GET /v1/metrics/{type}`` returns the windows of one metric.
+"""Query Serve app, mounted at ``/v1/query``.
 
-Closed windows come from ClickHouse; windows still open come live from the partition
-workers, so a window is visible from its first event on. Every parameter is checked
-before it reaches ClickHouse and bound there, never formatted into SQL. Bad
-parameters answer 422 naming the parameter.
+* ``GET /series``: a metric's time series, with filters, group-by and top-N, at an
+  automatically chosen resolution (raw, 1m, 1h, 1d);
+* ``GET /summary`` and ``GET /top``: every metric (counts, sums, distinct counts,
+  quantiles) over a range, per group, the largest groups first;
+* ``GET /events``: raw event search, paged with a cursor;
+* ``GET /latest/{type}``: the newest windows, open ones live from the workers merged
+  with closed ones from ClickHouse, with the pipeline's watermark;
+* ``POST /sql``: one guarded read-only SELECT over the caller's rows;
+* ``GET /healthz``: ClickHouse and the cache.
+
+Every request needs a tenant API key (``Authorization: Bearer``); a tenant reads only
+its own rows, by every endpoint. The platform key (``'*'``) names a tenant with
+``?tenant=``. Every parameter is checked and bound, never formatted into SQL.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves handler annotations at
@@ -12,27 +21,38 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import ray
-from fastapi import FastAPI, Query
-from fastapi.responses import ORJSONResponse
+from fastapi import FastAPI, Path, Query, Request, Response
 from ray import serve
 from ray.exceptions import RayError
 
-from core.envelope import name_problem, parse_event_time
+from adapters.exceptions import QueryRejected, StoreUnavailable
+from adapters.query_cache import QueryCache
+from core.envelope import FieldError, name_problem, parse_event_time
 from core.partition_state import combine_results
-from serve_apps.http import error_response
+from serve_apps.auth import ApiKeys, AuthFailed
+from serve_apps.query_service import Answer, QueryLimits, QueryService, Rows, iso
+
+ALL_TENANTS = "*"
+log = logging.getLogger(__name__)
 
 app = FastAPI(
     title="Rayline query API",
-    description="Reads window aggregates: closed ones from ClickHouse, open ones live.",
-    default_response_class=ORJSONResponse,
+    description="Time series, summaries, top-N, raw event search and guarded SQL over one "
+    "tenant's events; aggregates come from ClickHouse rollups, the newest minutes from raw "
+    "events and the workers' open windows.",
+    version="1",
 )
-log = logging.getLogger(__name__)
 
-_MAX_RANGE_MS = 366 * 24 * 3600 * 1000
+_COMMON = {
+    "type": "Event type (metric) to read.",
+    "from": "Start: RFC 3339 or epoch seconds. Default: an hour before `to`.",
+    "to": "End, exclusive: RFC 3339 or epoch seconds. Default: now.",
+    "tenant": "Only with the platform key: the tenant to read.",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +63,59 @@ class QueryConfig:
     coordinator_actor: str
     """Name of the coordinator, which gathers the workers' open windows."""
     windows: tuple[str, ...]
-    """Window kinds the pipeline computes; the first is the default."""
+    """Window kinds the pipeline computes; the first is the default of /latest."""
+    limits: QueryLimits
+    dsn: str = ""
+    """PostgreSQL, where the API keys are."""
+    redis_url: str | None = None
+    cache_seconds: float = 600.0
 
 
-def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+class _OwnerReader:
+    """The Reader over the ClickHouse owner actor."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self._namespace, self._name = namespace, name
+
+    def _owner(self) -> Any:
+        try:
+            return ray.get_actor(self._name, namespace=self._namespace)
+        except ValueError as exc:
+            raise StoreUnavailable(f"the ClickHouse owner actor is not running: {exc}") from exc
+
+    async def run_query(
+        self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> Rows:
+        try:
+            rows: Rows = await self._owner().run_query.remote(sql, parameters, settings)
+        except (QueryRejected, StoreUnavailable):
+            raise  # the owner's own errors come through Ray as themselves
+        except RayError as exc:  # the actor is away
+            raise StoreUnavailable(str(exc).splitlines()[0]) from exc
+        return rows
+
+    async def sealed(self) -> dict[str, int]:
+        try:
+            status: dict[str, Any] = await self._owner().rollup_status.remote()
+        except RayError as exc:
+            raise StoreUnavailable(str(exc).splitlines()[0]) from exc
+        return dict(status["sealed"])
 
 
-def _time_param(name: str, raw: str | None, default_ms: int, problems: list[dict[str, str]]) -> int:
+def _respond(answer: Answer) -> Response:
+    return Response(
+        orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY),
+        status_code=answer.status,
+        headers=answer.headers,
+        media_type="application/json",
+    )
+
+
+def _params(request: Request) -> dict[str, str]:
+    return {k: v for k, v in request.query_params.items() if k != "tenant"}
+
+
+def _time_param(name: str, raw: str | None, default_ms: int, problems: list[FieldError]) -> int:
     if raw is None:
         return default_ms
     value: Any = raw
@@ -59,7 +124,7 @@ def _time_param(name: str, raw: str | None, default_ms: int, problems: list[dict
     try:
         return parse_event_time(value)
     except ValueError as exc:
-        problems.append({"field": name, "message": str(exc)})
+        problems.append(FieldError(None, name, str(exc)))
         return default_ms
 
 
@@ -68,62 +133,207 @@ def _time_param(name: str, raw: str | None, default_ms: int, problems: list[dict
 class QueryAPI:
     def __init__(self, config: QueryConfig) -> None:
         self._config = config
+        self._keys = ApiKeys(config.dsn)
+        cache = QueryCache(config.redis_url, config.cache_seconds)
+        reader = _OwnerReader(config.namespace, config.clickhouse_actor)
+        self._service = QueryService(reader, config.limits, cache)
 
-    def _actor(self, name: str) -> Any:
-        return ray.get_actor(name, namespace=self._config.namespace)
+    async def _tenant(self, request: Request) -> str | Answer:
+        try:
+            own = await self._keys.tenant_for(request)
+        except AuthFailed as exc:
+            return Answer.error(exc.status, str(exc))
+        except StoreUnavailable as exc:
+            return Answer.error(503, str(exc), retry=5)
+        asked = request.query_params.get("tenant")
+        if own != ALL_TENANTS:
+            if asked is not None and asked != own:
+                return Answer.error(403, f"this key reads tenant {own!r} only, not {asked!r}")
+            return own
+        if asked is None:
+            return Answer.error(
+                422, "the platform key reads one tenant at a time: add ?tenant=<name>"
+            )
+        problem = name_problem("tenant", asked)
+        if problem is not None:
+            return Answer.error(
+                422, "invalid query parameters", [FieldError(None, "tenant", problem)]
+            )
+        return asked
 
-    @app.get("/{metric_type}")
-    async def metric_windows(
+    @app.get("/series", summary="A metric's time series")
+    async def series(
         self,
-        metric_type: str,
-        tenant: str = Query(..., description="Tenant whose events are counted."),
-        from_: str | None = Query(None, alias="from", description="Start (RFC 3339 or epoch s)."),
-        to: str | None = Query(None, description="End, exclusive (RFC 3339 or epoch s)."),
+        request: Request,
+        type: str = Query(..., description=_COMMON["type"]),
+        from_: str | None = Query(None, alias="from", description=_COMMON["from"]),
+        to: str | None = Query(None, description=_COMMON["to"]),
+        resolution: str = Query("auto", description="auto, raw, 1m, 1h or 1d."),
+        metric: str = Query(
+            "count", description="count, sum, min, max, avg, distinct, p50, p90 or p99."
+        ),
+        group_by: str | None = Query(None, description="Up to 3 dimensions, comma-separated."),
+        top: str | None = Query(None, description="Keep the N largest groups (needs group_by)."),
+        tenant: str | None = Query(None, description=_COMMON["tenant"]),
+    ) -> Response:
+        """Buckets of the range; filter with `where.<dimension>=<value>`."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        return _respond(await self._service.series(who, _params(request)))
+
+    @app.get("/summary", summary="Every metric over a range, per group")
+    async def summary(
+        self,
+        request: Request,
+        type: str = Query(..., description=_COMMON["type"]),
+        from_: str | None = Query(None, alias="from", description=_COMMON["from"]),
+        to: str | None = Query(None, description=_COMMON["to"]),
+        group_by: str | None = Query(None, description="Up to 3 dimensions, comma-separated."),
+        metric: str = Query("count", description="The metric groups are ranked by."),
+        top: str | None = Query(None, description="Keep the N largest groups."),
+        tenant: str | None = Query(None, description=_COMMON["tenant"]),
+    ) -> Response:
+        """Count, sum, min, max, avg, distinct count and p50/p90/p99 of the range."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        return _respond(await self._service.summary(who, _params(request)))
+
+    @app.get("/top", summary="Top-N groups of a range")
+    async def top_groups(
+        self,
+        request: Request,
+        type: str = Query(..., description=_COMMON["type"]),
+        by: str = Query(..., description="The dimension(s) to rank, comma-separated."),
+        n: str = Query("10", description="How many groups (1 to 100)."),
+        metric: str = Query("count", description="The metric groups are ranked by."),
+        from_: str | None = Query(None, alias="from", description=_COMMON["from"]),
+        to: str | None = Query(None, description=_COMMON["to"]),
+        tenant: str | None = Query(None, description=_COMMON["tenant"]),
+    ) -> Response:
+        """The same as `/summary?group_by=<by>&top=<n>`."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        params = _params(request)
+        params["group_by"], params["top"] = params.pop("by"), params.pop("n", "10")
+        return _respond(await self._service.summary(who, params))
+
+    @app.get("/events", summary="Raw event search, paged")
+    async def events(
+        self,
+        request: Request,
+        type: str = Query(..., description=_COMMON["type"]),
+        from_: str | None = Query(None, alias="from", description=_COMMON["from"]),
+        to: str | None = Query(None, description=_COMMON["to"]),
+        limit: str = Query("100", description="Events per page (1 to 1000)."),
+        cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
+        tenant: str | None = Query(None, description=_COMMON["tenant"]),
+    ) -> Response:
+        """Events oldest first; filter with `where.<attribute>=<value>`."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        return _respond(await self._service.events(who, _params(request)))
+
+    @app.post("/sql", summary="One read-only SELECT over your rows")
+    async def sql(self, request: Request) -> Response:
+        """Body `{"sql": "SELECT ..."}`; tables: events, windows_1m, rollup_1h, rollup_1d,
+        data_quality_1m, window_results. Read-only, time- and row-limited."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as exc:
+            return _respond(Answer.error(400, f"the body is not JSON: {exc}"))
+        statement = body.get("sql") if isinstance(body, dict) else None
+        return _respond(await self._service.sql(who, statement))
+
+    @app.get("/latest/{metric_type}", summary="Newest windows, live")
+    async def latest(
+        self,
+        request: Request,
+        metric_type: str = Path(..., description=_COMMON["type"]),
+        from_: str | None = Query(None, alias="from", description=_COMMON["from"]),
+        to: str | None = Query(None, description=_COMMON["to"]),
         window: str | None = Query(None, description="Window kind, e.g. 1m or 5m/1m."),
-    ) -> Any:
+        tenant: str | None = Query(None, description=_COMMON["tenant"]),
+    ) -> Response:
+        """Open windows from the workers merged with closed ones, and the watermark."""
+        who = await self._tenant(request)
+        if isinstance(who, Answer):
+            return _respond(who)
+        return _respond(await self._latest(who, metric_type, from_, to, window))
+
+    async def _latest(
+        self, tenant: str, metric_type: str, from_: str | None, to: str | None, window: str | None
+    ) -> Answer:
         cfg = self._config
-        problems: list[dict[str, str]] = []
-        for field, value in (("tenant", tenant), ("type", metric_type)):
-            problem = name_problem(field, value)
-            if problem is not None:
-                problems.append({"field": field, "message": problem})
+        problems: list[FieldError] = []
+        problem = name_problem("type", metric_type)
+        if problem is not None:
+            problems.append(FieldError(None, "type", problem))
         kind = window or cfg.windows[0]
         if kind not in cfg.windows:
             problems.append(
-                {"field": "window", "message": f"expected one of {list(cfg.windows)}, got {kind!r}"}
+                FieldError(None, "window", f"expected one of {list(cfg.windows)}, got {kind!r}")
             )
         now_ms = int(time.time() * 1000)
         to_ms = _time_param("to", to, now_ms + 60_000, problems)
         from_ms = _time_param("from", from_, to_ms - 3_600_000, problems)
-        if not problems and not 0 < to_ms - from_ms <= _MAX_RANGE_MS:
+        if not problems and not 0 < to_ms - from_ms <= 366 * 86_400_000:
             problems.append(
-                {
-                    "field": "from",
-                    "message": "expected 'from' before 'to' and at most 366 days apart",
-                }
+                FieldError(None, "from", "expected 'from' before 'to' and at most 366 days apart")
             )
         if problems:
-            return error_response(422, "invalid query parameters", errors=problems)
+            return Answer.error(422, "invalid query parameters", problems)
         args = (tenant, metric_type, kind, from_ms, to_ms)
         live: list[Any] = []
+        watermark = None
         try:
-            live = await self._actor(cfg.coordinator_actor).open_windows.remote(*args)
+            coordinator = ray.get_actor(cfg.coordinator_actor, namespace=cfg.namespace)
+            live = await coordinator.open_windows.remote(*args)
+            watermark = await coordinator.sealed_watermark.remote()
         except (RayError, ValueError) as exc:
             log.warning("open windows unavailable, answering with closed ones: %s", exc)
         try:
-            closed = await self._actor(cfg.clickhouse_actor).window_results.remote(*args)
+            owner = ray.get_actor(cfg.clickhouse_actor, namespace=cfg.namespace)
+            closed = await owner.window_results.remote(*args)
         except (RayError, ValueError) as exc:
-            return error_response(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
+            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry=5)
         rows = combine_results(closed, live)
-        return {
-            "tenant": tenant,
-            "type": metric_type,
-            "window": kind,
-            "from": _iso(from_ms),
-            "to": _iso(to_ms),
-            "windows": [dict(r, start=_iso(r["start"]), end=_iso(r["end"])) for r in rows],
-            "total": {
-                "count": sum(r["count"] for r in rows),
-                "sum": sum(r["sum"] for r in rows),
+        return Answer(
+            200,
+            {
+                "tenant": tenant,
+                "type": metric_type,
+                "window": kind,
+                "from": iso(from_ms),
+                "to": iso(to_ms),
+                "watermark": None if watermark is None else iso(int(watermark)),
+                "windows": [dict(r, start=iso(r["start"]), end=iso(r["end"])) for r in rows],
+                "total": {
+                    "count": sum(r["count"] for r in rows),
+                    "sum": sum(r["sum"] for r in rows),
+                },
             },
+        )
+
+    @app.get("/healthz", summary="ClickHouse and the query cache")
+    async def healthz(self) -> Response:
+        """200 while ClickHouse answers; the cache may be bypassed (Redis down)."""
+        try:
+            sealed = await self._service.sealed()
+            clickhouse = "ok"
+        except StoreUnavailable as exc:
+            sealed, clickhouse = None, f"unavailable: {exc}"
+        cache = self._service.cache
+        cache_state = "off" if cache is None or not cache.enabled else (cache.last_error or "ok")
+        body = {
+            "clickhouse": clickhouse,
+            "cache": cache_state,
+            "sealed_until": None if sealed is None else iso(sealed.minute),
         }
+        return _respond(Answer(200 if clickhouse == "ok" else 503, body))

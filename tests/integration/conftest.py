@@ -53,7 +53,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # minutes on the same `.state` sees the first run's watermarks: `rayline down` and
 # `rm -rf .state` first (CI always starts clean).
 # Enrichment, group-by, a filter transform and quick reloads are on too: they touch only
-# events whose entities are in `dim_devices` or whose type is `debug`.
+# events whose entities are in `dim_devices` or whose type is `debug`. The aggregate
+# tables are grouped by the attribute `region`.
 STACK_ENV = {
     "RAYLINE_PIPELINE__ALLOWED_LATENESS_SECONDS": "3600",
     "RAYLINE_PIPELINE__ENRICHMENT": orjson.dumps(
@@ -63,6 +64,7 @@ STACK_ENV = {
     "RAYLINE_PIPELINE__TRANSFORMS": orjson.dumps([{"filter": "type != 'debug'"}]).decode(),
     "RAYLINE_PIPELINE__ENRICHMENT_TTL_SECONDS": "1",
     "RAYLINE_PIPELINE__RULES_REFRESH_SECONDS": "1",
+    "RAYLINE_CLICKHOUSE__DIMENSIONS": '["region"]',
 }
 
 
@@ -123,6 +125,20 @@ def deployed_paused(
     finally:
         if paused:
             call(resume)
+
+
+def api_key(settings: Settings, tenant: str, label: str = "integration tests") -> str:
+    """A new API key of ``tenant`` (the tenant is created when missing)."""
+    from adapters.sources import SourceCatalog
+
+    async def make() -> str:
+        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
+        try:
+            return await catalog.create_key(tenant, label)
+        finally:
+            await catalog.close()
+
+    return asyncio.run(make())
 
 
 def pg(settings: Settings, sql: str, *args: Any) -> Any:

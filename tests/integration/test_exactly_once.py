@@ -137,7 +137,8 @@ def test_failures_neither_lose_nor_double_count(
 
     def windows() -> list[list[Any]]:
         answer = http.get(
-            "/v1/metrics/order", params={"tenant": tenant, "from": base - 60, "to": base + 3600}
+            "/v1/query/latest/order",
+            params={"tenant": tenant, "from": base - 60, "to": base + 3600},
         )
         assert answer.status_code == 200, answer.text
         rows = answer.json()["windows"]

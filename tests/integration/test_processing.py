@@ -27,7 +27,7 @@ def event(tenant: str, n: int, ts_s: float, value: float = 1, **extra: Any) -> d
 def metric(http: httpx.Client, tenant: str, **params: Any) -> dict[str, Any]:
     now = time.time()
     query = {"tenant": tenant, "from": now - 3 * 3600, "to": now + 3600, **params}
-    answer = http.get("/v1/metrics/click", params=query)
+    answer = http.get("/v1/query/latest/click", params=query)
     assert answer.status_code == 200, answer.text
     body: dict[str, Any] = answer.json()
     return body

@@ -38,7 +38,7 @@ def post(http: httpx.Client, events: list[dict[str, Any]]) -> None:
 def metric(http: httpx.Client, tenant: str, type_: str, **params: Any) -> dict[str, Any]:
     now = time.time()
     query = {"tenant": tenant, "from": now - 3 * 3600, "to": now + 3600, **params}
-    answer = http.get(f"/v1/metrics/{type_}", params=query)
+    answer = http.get(f"/v1/query/latest/{type_}", params=query)
     assert answer.status_code == 200, answer.text
     body: dict[str, Any] = answer.json()
     return body
@@ -96,9 +96,7 @@ def test_enrichment_splits_windows_by_site_and_follows_changes(
     pg(stack, "UPDATE dim_devices SET site = 'nice' WHERE device = $1", d[2])
     time.sleep(2.5)
     post(http, [ev(tenant, f"n{i}", "click", t + 120 + i, d[2], value=1) for i in range(3)])
-    later = eventually(
-        lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 15
-    )
+    later = eventually(lambda: metric(http, tenant, "click"), lambda m: m["total"]["count"] >= 15)
     groups = {(w["start"], w["group"]["site"]): w["count"] for w in later["windows"]}
     assert sorted(groups.values()) == [2, 2, 3, 8]
     assert [site for (_start, site), n in groups.items() if n == 3] == ["nice"]
@@ -143,9 +141,9 @@ def test_cep_rules_load_at_run_time_and_raise_alerts(
 
     records = read_from(stack, stack.kafka.alerts_topic, alerts_before, 3, timeout=60)
     alerts = {a["rule_id"]: a for a in (orjson.loads(r.value()) for r in records)}
-    assert set(alerts) == {f"{tenant}-buys", f"{tenant}-retry", f"{tenant}-silent"}, (
-        rayline("status", "--json").stdout
-    )
+    assert set(alerts) == {f"{tenant}-buys", f"{tenant}-retry", f"{tenant}-silent"}, rayline(
+        "status", "--json"
+    ).stdout
     assert sorted(alerts[f"{tenant}-buys"]["event_ids"]) == ["p0", "p1", "p2"]
     assert alerts[f"{tenant}-buys"]["key"] == u1
     assert alerts[f"{tenant}-retry"]["event_ids"] == ["f1", "o1"]
@@ -200,9 +198,7 @@ def test_registered_schemas_are_enforced_and_avro_records_count(
     producer.produce(stack.kafka.raw_topic, value, f"{tenant}:s1".encode())
     assert producer.flush(10) == 0
 
-    body = eventually(
-        lambda: metric(http, tenant, "reading"), lambda m: m["total"]["count"] >= 2
-    )
+    body = eventually(lambda: metric(http, tenant, "reading"), lambda m: m["total"]["count"] >= 2)
     assert body["total"] == {"count": 2, "sum": 44.0}  # j1 (JSON) and a1 (Avro)
     (letter,) = read_from(stack, stack.kafka.dlq_topic, dlq_before, 1)
     reason = dict(letter.headers())["reason"].decode()

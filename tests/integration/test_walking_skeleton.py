@@ -49,7 +49,7 @@ def event(tenant: str, n: int, type_: str, ts: str, value: float, **extra: Any) 
 
 
 def metric(http: httpx.Client, tenant: str, type_: str) -> dict[str, Any]:
-    answer = http.get(f"/v1/metrics/{type_}", params={"tenant": tenant, **RANGE})
+    answer = http.get(f"/v1/query/latest/{type_}", params={"tenant": tenant, **RANGE})
     assert answer.status_code == 200, answer.text
     body: dict[str, Any] = answer.json()
     return body
@@ -176,13 +176,13 @@ def test_too_many_events_in_one_request_is_413(http: httpx.Client, stack: Settin
 @pytest.mark.parametrize(
     ("path", "params", "field"),
     [
-        ("/v1/metrics/click", {"tenant": "a' OR '1'='1"}, "tenant"),
-        ("/v1/metrics/click", {"tenant": "acme", "window": "7m' --"}, "window"),
-        ("/v1/metrics/click;DROP TABLE x", {"tenant": "acme"}, "type"),
-        ("/v1/metrics/click", {"tenant": "acme", "from": "1) OR (1=1"}, "from"),
-        ("/v1/metrics/click", {"tenant": "acme", "to": "2026-13-45T00:00:00Z"}, "to"),
+        ("/v1/query/latest/click", {"tenant": "a' OR '1'='1"}, "tenant"),
+        ("/v1/query/latest/click", {"tenant": "acme", "window": "7m' --"}, "window"),
+        ("/v1/query/latest/click;DROP TABLE x", {"tenant": "acme"}, "type"),
+        ("/v1/query/latest/click", {"tenant": "acme", "from": "1) OR (1=1"}, "from"),
+        ("/v1/query/latest/click", {"tenant": "acme", "to": "2026-13-45T00:00:00Z"}, "to"),
         (
-            "/v1/metrics/click",
+            "/v1/query/latest/click",
             {"tenant": "acme", "from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
             "from",
         ),
@@ -197,7 +197,7 @@ def test_query_rejects_bad_parameters(
 
 
 def test_query_without_tenant_is_422(http: httpx.Client) -> None:
-    assert http.get("/v1/metrics/click").status_code == 422
+    assert http.get("/v1/query/latest/click").status_code == 422
 
 
 def test_a_record_no_envelope_goes_to_the_dlq_and_the_worker_goes_on(

@@ -111,9 +111,7 @@ def test_good_parameter_sets(params: dict[str, str], check: str) -> None:
         ),
     ],
 )
-def test_bad_parameter_sets_name_every_bad_field(
-    params: dict[str, str], fields: list[str]
-) -> None:
+def test_bad_parameter_sets_name_every_bad_field(params: dict[str, str], fields: list[str]) -> None:
     assert _fields(params) == fields
 
 

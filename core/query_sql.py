@@ -1,0 +1,196 @@
+"""SQL of the query API's reads, built from checked requests; values are only ever bound.
+
+An aggregated read (1m, 1h, 1d) is the union of up to three parts, split at the points
+where each table is sealed (see ``adapters.rollups``):
+
+* the table of the resolution, for buckets it already holds;
+* ``windows_1m`` for sealed minutes not yet rolled up into that table;
+* raw ``events`` for the tail that is not sealed yet (folded into the same states).
+
+Every part yields the same mergeable columns, so the outer query merges them like one
+table: counts and sums add up, distinct counts and quantiles merge their states. The
+answer thus covers the whole range, up to the newest event stored, at any resolution.
+
+The SQL text depends only on the shape of a request (resolution, metric, how many
+groups and filters); tenant, type, times, attribute names and values are placeholders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from core.query_plan import DAY, HOUR, MINUTE, RAW, SeriesRequest
+from core.sealed import QUANTILE_LEVELS, QUANTILE_NAMES
+
+_LEVELS_SQL = ", ".join(str(q) for q in QUANTILE_LEVELS)
+_BUCKET_FN = {MINUTE: "toStartOfMinute", HOUR: "toStartOfHour", DAY: "toStartOfDay"}
+_TABLE = {MINUTE: "windows_1m", HOUR: "rollup_1h", DAY: "rollup_1d"}
+_STATE_COLUMNS = "events, value_sum, value_min, value_max, distinct_state, quantiles_state"
+_RAW_STATES = (
+    "count() AS events, sum(value) AS value_sum, min(value) AS value_min, "
+    "max(value) AS value_max, uniqState(entity) AS distinct_state, "
+    f"quantilesTDigestState({_LEVELS_SQL})(value) AS quantiles_state"
+)
+_QUANTILES = f"quantilesTDigestMerge({_LEVELS_SQL})(quantiles_state)"
+METRIC_SQL: Mapping[str, str] = {
+    "count": "sum(events)",
+    "sum": "sum(value_sum)",
+    "min": "min(value_min)",
+    "max": "max(value_max)",
+    "avg": "sum(value_sum) / nullIf(sum(events), 0)",
+    "distinct": "uniqMerge(distinct_state)",
+    **{name: f"{_QUANTILES}[{i + 1}]" for i, name in enumerate(QUANTILE_NAMES)},
+}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _utc(ms: int) -> datetime:
+    return _EPOCH + timedelta(milliseconds=ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """Where each aggregate table is final (epoch ms); see ``adapters.rollups``."""
+
+    minute: int
+    hour: int
+    day: int
+
+    def of(self, resolution: str) -> int:
+        return {MINUTE: self.minute, HOUR: self.hour, DAY: self.day}[resolution]
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    parameters: dict[str, Any]
+
+
+class _Builder:
+    """Shared placeholders of one statement: tenant, type, groups and filters."""
+
+    def __init__(self, request: SeriesRequest, database: str) -> None:
+        self.request = request
+        self.db = database
+        self.params: dict[str, Any] = {"tenant": request.tenant, "type": request.type}
+        for i, name in enumerate(request.group_by):
+            self.params[f"g{i}"] = name
+        for i, (name, value) in enumerate(request.filters):
+            self.params[f"f{i}_key"], self.params[f"f{i}_value"] = name, value
+
+    def groups(self) -> list[str]:
+        return [f"g{i}" for i in range(len(self.request.group_by))]
+
+    def _attribute(self, raw: bool, key: str) -> str:
+        if raw:
+            return f"JSONExtractString(payload, 'attributes', {{{key}:String}})"
+        return f"dims[{{{key}:String}}]"
+
+    def _where(self, raw: bool, part: str, start: int, end: int) -> str:
+        column = "ts" if raw else "window_start"
+        self.params[f"{part}_from"], self.params[f"{part}_to"] = _utc(start), _utc(end)
+        clauses = [
+            "tenant = {tenant:String}",
+            "type = {type:String}",
+            f"{column} >= {{{part}_from:DateTime64(3)}}",
+            f"{column} < {{{part}_to:DateTime64(3)}}",
+        ]
+        clauses += [
+            f"{self._attribute(raw, f'f{i}_key')} = {{f{i}_value:String}}"
+            for i in range(len(self.request.filters))
+        ]
+        return " AND ".join(clauses)
+
+    def part(self, source: str, bucket: str | None, part: str, start: int, end: int) -> str:
+        """One part of the union: bucket, groups, and the mergeable state columns."""
+        raw = source == "events"
+        column = "toDateTime(ts, 'UTC')" if raw else "window_start"
+        keys = [f"{self._attribute(raw, g)} AS {g}" for g in self.groups()]
+        if bucket is not None:
+            keys.insert(0, f"{bucket}({column}) AS bucket")
+        where = self._where(raw, part, start, end)
+        select = ", ".join([*keys, _RAW_STATES if raw else _STATE_COLUMNS])
+        if not raw:
+            return f"SELECT {select} FROM {self.db}.{source} WHERE {where}"
+        group = ", ".join(["bucket"] * (bucket is not None) + self.groups()) or "tuple()"
+        return f"SELECT {select} FROM {self.db}.events FINAL WHERE {where} GROUP BY {group}"
+
+
+def _parts(builder: _Builder, sealed: Sealed, bucketed: bool) -> str:
+    request = builder.request
+    start, end = request.bucket_bounds()
+    resolution = request.resolution
+    bucket = _BUCKET_FN[resolution] if bucketed else None
+    own = min(max(sealed.of(resolution), start), end)
+    minute = min(max(sealed.minute, own), end)
+    parts = []
+    if own > start:
+        parts.append(builder.part(_TABLE[resolution], bucket, "a", start, own))
+    if resolution != MINUTE and minute > own:
+        parts.append(builder.part(_TABLE[MINUTE], bucket, "b", own, minute))
+    if end > minute:
+        parts.append(builder.part("events", bucket, "c", minute, end))
+    return " UNION ALL ".join(parts)
+
+
+def series_statement(request: SeriesRequest, sealed: Sealed, database: str) -> Statement:
+    """One row per bucket (and group): ``t`` (epoch ms), the group values, ``value``."""
+    if request.resolution == RAW:
+        raise ValueError("raw requests are events, see events_statement")
+    builder = _Builder(request, database)
+    parts = _parts(builder, sealed, bucketed=True)
+    groups = builder.groups()
+    metric = METRIC_SQL[request.metric]
+    keys = ", ".join(["bucket", *groups])
+    top = ""
+    if request.top is not None and groups:
+        # The same parts ranked by the metric over the whole range, same placeholders.
+        names = ", ".join(groups)
+        top = (
+            f" WHERE ({names}) IN (SELECT {names} FROM ({parts}) GROUP BY {names} "
+            f"ORDER BY {metric} DESC, {names} LIMIT {{top:UInt32}})"
+        )
+        builder.params["top"] = request.top
+    sql = (
+        f"SELECT toUnixTimestamp(bucket) * 1000 AS t, {', '.join([*groups, ''])}"
+        f"{metric} AS value FROM ({parts}){top} GROUP BY {keys} ORDER BY {keys}"
+    )
+    return Statement(sql, builder.params)
+
+
+def summary_statement(request: SeriesRequest, sealed: Sealed, database: str) -> Statement:
+    """Every metric over the whole range, per group; ``top`` keeps the largest groups."""
+    builder = _Builder(request, database)
+    parts = _parts(builder, sealed, bucketed=False)
+    groups = builder.groups()
+    metrics = ", ".join(f"{sql} AS {name}" for name, sql in METRIC_SQL.items())
+    select = ", ".join([*groups, metrics])
+    sql = f"SELECT {select} FROM ({parts})"
+    if groups:
+        names = ", ".join(groups)
+        sql += f" GROUP BY {names} ORDER BY {request.metric} DESC, {names}"
+        if request.top is not None:
+            sql += " LIMIT {top:UInt32}"
+            builder.params["top"] = request.top
+    return Statement(sql, builder.params)
+
+
+def events_statement(request: SeriesRequest, database: str) -> Statement:
+    """Raw events of the exact range, oldest first, one more than a page (to page on)."""
+    builder = _Builder(request, database)
+    where = builder._where(True, "r", request.from_ms, request.to_ms)
+    if request.cursor is not None:
+        where += " AND (ts, event_id) > ({cursor_ts:DateTime64(3)}, {cursor_id:String})"
+        builder.params["cursor_ts"] = _utc(request.cursor.ts_ms)
+        builder.params["cursor_id"] = request.cursor.event_id
+    builder.params["limit"] = request.limit + 1
+    sql = (
+        "SELECT toUnixTimestamp64Milli(ts) AS ts_ms, event_id, source, entity, value, "
+        "JSONExtractRaw(payload, 'attributes') AS attributes "
+        f"FROM {database}.events FINAL WHERE {where} "
+        "ORDER BY ts, event_id LIMIT {limit:UInt32}"
+    )
+    return Statement(sql, builder.params)

@@ -1,0 +1,344 @@
+"""What the query API does with a checked tenant and its parameters, without Ray Serve.
+
+The Serve app (``serve_apps.query``) resolves the caller's tenant from its API key
+and hands the parameters here; ClickHouse is reached through an injected ``Reader``
+(the owner actor in production, an in-process store in tests). Every answer is an
+:class:`Answer`: a status, a JSON body, and headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from adapters.exceptions import QueryRejected, StoreUnavailable
+from adapters.query_cache import QueryCache
+from core.envelope import FieldError
+from core.query_plan import MINUTE, RAW, SeriesRequest, encode_cursor, parse_series_request
+from core.query_sql import (
+    METRIC_SQL,
+    Sealed,
+    events_statement,
+    series_statement,
+    summary_statement,
+)
+from core.sql_guard import ast_problem, guarded_settings, text_problem
+
+Rows = tuple[list[str], list[tuple[Any, ...]]]
+
+
+class Reader(Protocol):
+    """Reads of ClickHouse the query API needs (the owner actor's methods)."""
+
+    def run_query(
+        self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
+    ) -> Awaitable[Rows]: ...
+
+    def sealed(self) -> Awaitable[dict[str, int]]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueryLimits:
+    database: str
+    dimensions: tuple[str, ...] = ()
+    max_points: int = 1500
+    sql_max_seconds: float = 10.0
+    sql_max_rows: int = 10_000
+    sql_max_rows_to_read: int = 500_000_000
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def error(
+        cls, status: int, message: str, errors: Sequence[FieldError] = (), retry: float = 0
+    ) -> Answer:
+        body: dict[str, Any] = {"error": message}
+        if errors:
+            body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry else {}
+        return cls(status, body, headers)
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # NaN: JSON has none
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+class QueryService:
+    """The endpoints' logic over a Reader, a cache and the limits."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        limits: QueryLimits,
+        cache: QueryCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reader = reader
+        self._limits = limits
+        self._cache = cache
+        self._clock = clock
+        self._sealed: tuple[float, Sealed] | None = None
+
+    @property
+    def cache(self) -> QueryCache | None:
+        return self._cache
+
+    async def sealed(self) -> Sealed:
+        """Where the aggregate tables are final; reused for a second (an older value only
+        moves more of the range to the raw part, which is as right, just slower)."""
+        now = time.monotonic()
+        if self._sealed is not None and now - self._sealed[0] < 1.0:
+            return self._sealed[1]
+        points = await self._reader.sealed()
+        value = Sealed(
+            points.get("windows_1m", 0), points.get("rollup_1h", 0), points.get("rollup_1d", 0)
+        )
+        self._sealed = (now, value)
+        return value
+
+    def _request(self, tenant: str, params: Mapping[str, str]) -> SeriesRequest | Answer:
+        given = dict(params)
+        given["tenant"] = tenant
+        parsed = parse_series_request(
+            given, now_ms=int(self._clock() * 1000), max_points=self._limits.max_points
+        )
+        if isinstance(parsed, list):
+            return Answer.error(422, "invalid query parameters", parsed)
+        if parsed.resolution == RAW:
+            return parsed
+        return self._dimension_problem(parsed) or parsed
+
+    def _dimension_problem(self, request: SeriesRequest) -> Answer | None:
+        """Aggregates are grouped by the configured dimensions only."""
+        dims = self._limits.dimensions
+        named = (*request.group_by, *(name for name, _ in request.filters))
+        unknown = [name for name in named if name not in dims]
+        if not unknown:
+            return None
+        shown = ", ".join(repr(n) for n in unknown)
+        message = (
+            f"{shown} not among the aggregate dimensions {list(dims)}: group or filter "
+            "by those, use resolution=raw over at most 15 minutes, or add the attribute "
+            "to clickhouse.dimensions"
+        )
+        return Answer.error(
+            422, "invalid query parameters", [FieldError(None, "group_by", message)]
+        )
+
+    async def _read(self, sql: str, params: dict[str, Any], settings: Any = None) -> Rows | Answer:
+        try:
+            return await self._reader.run_query(sql, params, settings)
+        except QueryRejected as exc:
+            return Answer.error(400, f"ClickHouse refused the query: {exc}")
+        except StoreUnavailable as exc:
+            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry=5)
+
+    async def _cached(
+        self,
+        endpoint: str,
+        request: SeriesRequest,
+        sealed: Sealed,
+        compute: Callable[[], Awaitable[Answer]],
+    ) -> Answer:
+        started = time.perf_counter()
+        key = None
+        cacheable = request.bucket_bounds()[1] <= sealed.minute
+        if self._cache is not None and cacheable:
+            key = await asyncio.to_thread(
+                self._cache.key, request.tenant, endpoint, asdict(request)
+            )
+            hit = await asyncio.to_thread(self._cache.get, key)
+            if hit is not None:
+                return Answer(200, hit, {"X-Cache": "hit", **_took(started)})
+        answer = await compute()
+        if answer.status == 200 and key is not None and self._cache is not None:
+            await asyncio.to_thread(self._cache.put, key, answer.body)
+        answer.headers.update({"X-Cache": "miss" if key else "bypass", **_took(started)})
+        return answer
+
+    async def series(self, tenant: str, params: Mapping[str, str]) -> Answer:
+        request = self._request(tenant, params)
+        if isinstance(request, Answer):
+            return request
+        if request.resolution == RAW:
+            return await self.events(tenant, params, request)
+        sealed = await self.sealed()
+
+        async def compute() -> Answer:
+            statement = series_statement(request, sealed, self._limits.database)
+            rows = await self._read(statement.sql, statement.parameters)
+            if isinstance(rows, Answer):
+                return rows
+            return Answer(200, _series_body(request, sealed, rows))
+
+        return await self._cached("series", request, sealed, compute)
+
+    async def summary(self, tenant: str, params: Mapping[str, str]) -> Answer:
+        if params.get("resolution") == RAW:
+            wrong = FieldError(None, "resolution", "a summary reads aggregates: 1m, 1h or 1d")
+            return Answer.error(422, "invalid query parameters", [wrong])
+        request = self._request(tenant, params)
+        if isinstance(request, Answer):
+            return request
+        if request.resolution == RAW:  # auto over a short range: minutes are as exact
+            request = replace(request, resolution=MINUTE)
+            problem = self._dimension_problem(request)
+            if problem is not None:
+                return problem
+        sealed = await self.sealed()
+
+        async def compute() -> Answer:
+            statement = summary_statement(request, sealed, self._limits.database)
+            rows = await self._read(statement.sql, statement.parameters)
+            if isinstance(rows, Answer):
+                return rows
+            return Answer(200, _summary_body(request, rows))
+
+        return await self._cached("summary", request, sealed, compute)
+
+    async def events(
+        self, tenant: str, params: Mapping[str, str], request: SeriesRequest | None = None
+    ) -> Answer:
+        if request is None:
+            if params.get("resolution", RAW) != RAW:
+                wrong = FieldError(None, "resolution", "events are raw: leave resolution out")
+                return Answer.error(422, "invalid query parameters", [wrong])
+            parsed = self._request(tenant, {**params, "resolution": RAW})
+            if isinstance(parsed, Answer):
+                return parsed
+            request = parsed
+        statement = events_statement(request, self._limits.database)
+        rows = await self._read(statement.sql, statement.parameters)
+        if isinstance(rows, Answer):
+            return rows
+        _columns, found = rows
+        page = found[: request.limit]
+        cursor = None
+        if len(found) > request.limit:
+            last = page[-1]
+            cursor = encode_cursor(int(last[0]), str(last[1]))
+        events = [
+            {
+                "ts": iso(int(r[0])),
+                "event_id": r[1],
+                "source": r[2],
+                "entity": r[3],
+                "value": _json_value(r[4]),
+                "attributes": _json_value(r[5]),
+            }
+            for r in page
+        ]
+        return Answer(
+            200,
+            {
+                "tenant": request.tenant,
+                "type": request.type,
+                "from": iso(request.from_ms),
+                "to": iso(request.to_ms),
+                "events": events,
+                "next_cursor": cursor,
+            },
+        )
+
+    async def sql(self, tenant: str, statement: Any) -> Answer:
+        if not isinstance(statement, str):
+            return Answer.error(422, 'expected a JSON body {"sql": "SELECT ..."}')
+        problem = text_problem(statement)
+        if problem is not None:
+            return Answer.error(400, problem)
+        limits = self._limits
+        # As a subquery, so the driver's FORMAT clause lands on the outer SELECT.
+        parsed = await self._read(f"SELECT explain FROM (EXPLAIN AST {statement})", {})
+        if isinstance(parsed, Answer):
+            if "supports only SELECT" in str(parsed.body.get("error")):
+                return Answer.error(403, "only a SELECT statement is allowed here")
+            return parsed
+        problem = ast_problem([str(r[0]) for r in parsed[1]], limits.database)
+        if problem is not None:
+            return Answer.error(403, problem)
+        settings = guarded_settings(
+            tenant,
+            limits.database,
+            max_seconds=limits.sql_max_seconds,
+            max_rows=limits.sql_max_rows,
+            max_rows_to_read=limits.sql_max_rows_to_read,
+        )
+        rows = await self._read(statement, {}, dict(settings))
+        if isinstance(rows, Answer):
+            return rows
+        columns, found = rows
+        return Answer(200, {"columns": columns, "rows": [_json_value(list(r)) for r in found]})
+
+
+def _took(started: float) -> dict[str, str]:
+    return {"Server-Timing": f"query;dur={(time.perf_counter() - started) * 1000:.1f}"}
+
+
+def _series_body(request: SeriesRequest, sealed: Sealed, rows: Rows) -> dict[str, Any]:
+    names = request.group_by
+    series: dict[tuple[str, ...], list[list[Any]]] = {}
+    for row in rows[1]:
+        group = tuple(str(v) for v in row[1 : 1 + len(names)])
+        series.setdefault(group, []).append([int(row[0]), _json_value(row[-1])])
+    return {
+        "tenant": request.tenant,
+        "type": request.type,
+        "metric": request.metric,
+        "resolution": request.resolution,
+        "from": iso(request.from_ms),
+        "to": iso(request.to_ms),
+        "sealed_until": iso(min(sealed.minute, request.to_ms)),
+        "group_by": list(names),
+        "series": [
+            {"group": dict(zip(names, group, strict=True)), "points": points}
+            for group, points in series.items()
+        ],
+    }
+
+
+def _summary_body(request: SeriesRequest, rows: Rows) -> dict[str, Any]:
+    names = request.group_by
+    columns, found = rows
+    groups = []
+    for row in found:
+        values = dict(zip(columns, row, strict=True))
+        groups.append(
+            {
+                "group": {n: str(values[f"g{i}"]) for i, n in enumerate(names)},
+                **{m: _json_value(values[m]) for m in METRIC_SQL},
+            }
+        )
+    return {
+        "tenant": request.tenant,
+        "type": request.type,
+        "from": iso(request.from_ms),
+        "to": iso(request.to_ms),
+        "resolution": request.resolution,
+        "group_by": list(names),
+        "groups": groups,
+    }

@@ -1,0 +1,216 @@
+"""Rollups on the real ClickHouse engine (chDB in this process): the 1m/1h/1d aggregates
+equal an offline recomputation from the raw events, an interrupted chunk counts once,
+retention is applied, and every query shape of the API reads by the primary key."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.clickhouse import ClickHouseStore, Retention
+from adapters.exceptions import StoreUnavailable
+from adapters.rollups import Rollups
+from core.query_plan import parse_series_request
+from core.query_sql import Sealed, events_statement, series_statement, summary_statement
+from tests.integration.query_data import MINUTE_MS, Event, events_table, make_events
+
+HOUR_MS, DAY_MS = 3_600_000, 86_400_000
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("chdb")
+
+
+@pytest.fixture
+def store(engine: Path) -> Iterator[ClickHouseStore]:
+    store = ClickHouseStore(f"chdb://{engine}", f"r_{uuid.uuid4().hex[:10]}")
+    store.migrate()
+    yield store
+    store.close()
+
+
+def day_start(days_ago: int) -> int:
+    return (int(time.time() * 1000) - days_ago * DAY_MS) // DAY_MS * DAY_MS
+
+
+def expected(events: list[Event], bucket_ms: int, until: int) -> dict[tuple[Any, ...], int]:
+    counts: dict[tuple[Any, ...], int] = defaultdict(int)
+    for e in events:
+        if e.ts < until:
+            counts[(e.tenant, e.type, e.ts // bucket_ms * bucket_ms, e.region)] += 1
+    return dict(counts)
+
+
+def stored(store: ClickHouseStore, table: str) -> dict[tuple[Any, ...], int]:
+    _cols, rows = store.run_query(
+        "SELECT tenant, type, toUnixTimestamp(window_start) * 1000, dims['region'], "
+        f"sum(events) FROM {store._database}.{table} "
+        "GROUP BY tenant, type, window_start, group_key, dims['region']",
+        {},
+    )
+    return {(r[0], r[1], int(r[2]), r[3]): int(r[4]) for r in rows}
+
+
+def test_rollups_equal_an_offline_recomputation(store: ClickHouseStore) -> None:
+    start = day_start(3) + 22 * HOUR_MS  # two hours before a day boundary
+    events = make_events(["a", "b"], start, minutes=150, per_minute=12)
+    table = events_table(events)
+    store.insert_events(table)
+    store.insert_events(table)  # a worker replaying its outbox: counts once (FINAL)
+    sealed_at = start + 140 * MINUTE_MS + 30_000
+    sealed = store.rollups(["region"]).advance(sealed_at)
+
+    assert sealed["windows_1m"] == start + 140 * MINUTE_MS
+    assert sealed["rollup_1h"] == start + 2 * HOUR_MS
+    assert sealed["rollup_1d"] == day_start(2)
+    assert stored(store, "windows_1m") == expected(events, MINUTE_MS, sealed["windows_1m"])
+    assert stored(store, "rollup_1h") == expected(events, HOUR_MS, sealed["rollup_1h"])
+    assert stored(store, "rollup_1d") == expected(events, DAY_MS, sealed["rollup_1d"])
+
+
+def test_distinct_counts_and_quantiles_merge_across_rollups(store: ClickHouseStore) -> None:
+    start = day_start(2)
+    events = make_events(["a"], start, minutes=120, per_minute=20)
+    store.insert_events(events_table(events))
+    store.rollups([]).advance(start + 3 * HOUR_MS)
+    db = store._database
+    _c, hourly = store.run_query(
+        f"SELECT uniqMerge(distinct_state), quantilesTDigestMerge(0.5, 0.9, 0.99)"
+        f"(quantiles_state) FROM {db}.rollup_1h WHERE tenant = 'a' AND type = 'click'",
+        {},
+    )
+    _c, raw = store.run_query(
+        f"SELECT uniqExact(entity), quantilesExact(0.5, 0.9, 0.99)(value) FROM {db}.events "
+        "WHERE tenant = 'a' AND type = 'click'",
+        {},
+    )
+    assert hourly[0][0] == raw[0][0]  # 40 entities: uniq is exact at this size
+    for merged, exact in zip(hourly[0][1], raw[0][1], strict=True):
+        assert abs(merged - exact) <= 2.0  # t-digest over 2,400 values of 0..100
+
+
+class CrashAfterInsert:
+    """Runs statements, but fails once right after the first chunk insert into ``table``,
+    before its progress is recorded: a crash between the two."""
+
+    def __init__(self, store: ClickHouseStore, table: str) -> None:
+        self._store, self._table, self.crashed = store, table, False
+
+    def __call__(self, sql: str, params: dict[str, Any], settings: dict[str, Any] | None) -> None:
+        self._store._command(sql, params, settings)
+        if not self.crashed and sql.startswith(
+            f"INSERT INTO {self._store._database}.{self._table}"
+        ):
+            self.crashed = True
+            raise StoreUnavailable("simulated crash after the insert")
+
+
+@pytest.mark.parametrize("table", ["windows_1m", "rollup_1h", "rollup_1d"])
+def test_a_chunk_interrupted_after_its_insert_counts_once(
+    store: ClickHouseStore, table: str
+) -> None:
+    start = day_start(3) + 23 * HOUR_MS
+    events = make_events(["a"], start, minutes=120, per_minute=6)
+    store.insert_events(events_table(events))
+    crash = CrashAfterInsert(store, table)
+    crashing = Rollups(store._database, ["region"], crash, store._query)
+    with pytest.raises(StoreUnavailable):
+        crashing.advance(start + 2 * HOUR_MS)
+    assert crash.crashed
+    progress = crashing.progress()[table]
+    assert progress[1] > progress[0]  # the chunk is recorded as pending
+
+    sealed = store.rollups(["region"]).advance(start + 2 * HOUR_MS)
+
+    bucket = {"windows_1m": MINUTE_MS, "rollup_1h": HOUR_MS, "rollup_1d": DAY_MS}[table]
+    assert stored(store, table) == expected(events, bucket, sealed[table])
+    assert sealed[table] >= progress[1]
+
+
+def test_sealed_points_never_go_back_and_late_data_waits(store: ClickHouseStore) -> None:
+    rollups = store.rollups([])
+    now = int(time.time() * 1000) // MINUTE_MS * MINUTE_MS
+    first = rollups.advance(now)  # nothing stored yet: starts at the sealed point
+    assert first["windows_1m"] == now
+    assert rollups.advance(now - HOUR_MS)["windows_1m"] == now
+    store.insert_events(events_table(make_events(["a"], now, minutes=3, per_minute=5)))
+    assert stored(store, "windows_1m") == {}
+    rollups.advance(now + 2 * MINUTE_MS)
+    assert sum(stored(store, "windows_1m").values()) == 10
+
+
+def test_data_quality_counts_each_sealed_minute(store: ClickHouseStore) -> None:
+    start = day_start(1)
+    events = make_events(["a"], start, minutes=5, per_minute=8)
+    events.append(Event("a", "click", start + 1000, "nan", "", float("nan"), "eu"))
+    store.insert_events(events_table(events))
+    store.rollups([]).advance(start + 5 * MINUTE_MS)
+    _c, rows = store.run_query(
+        "SELECT sum(events), sum(empty_entity), sum(non_finite_value), max(max_delay_seconds) "
+        f"FROM {store._database}.data_quality_1m WHERE tenant = 'a'",
+        {},
+    )
+    assert rows == [(41, 1, 1, 0.25)]
+
+
+def test_retention_sets_each_tables_ttl_once(store: ClickHouseStore) -> None:
+    retention = Retention(raw_days=7, minute_days=30, hour_days=365, day_days=0)
+    changed = store.apply_retention(retention)
+    assert set(changed) == {"events", "windows_1m", "data_quality_1m", "rollup_1h"}
+    assert store.apply_retention(retention) == []
+    _c, rows = store.run_query(
+        "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = 'events'",
+        {"db": store._database},
+    )
+    assert "toIntervalDay(7)" in rows[0][0]
+    assert store.apply_retention(Retention(0, 30, 365, 0)) == ["events"]
+
+
+def _explain(store: ClickHouseStore, sql: str, params: dict[str, Any]) -> str:
+    _c, rows = store.run_query(f"EXPLAIN indexes = 1 {sql}", params)
+    return "\n".join(str(r[0]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("shape", "params"),
+    [
+        ("series 1m", {"resolution": "1m", "group_by": "region", "where.region": "eu"}),
+        ("series 1h", {"resolution": "1h", "metric": "p99"}),
+        ("series 1d top", {"resolution": "1d", "group_by": "region", "top": "2"}),
+        ("summary", {"resolution": "1h", "group_by": "region"}),
+        ("events", {"resolution": "raw", "limit": "10"}),
+    ],
+)
+def test_every_api_query_reads_by_the_primary_key(
+    store: ClickHouseStore, shape: str, params: dict[str, str]
+) -> None:
+    start = day_start(3)
+    store.insert_events(events_table(make_events(["a", "b"], start, minutes=90, per_minute=4)))
+    sealed_points = store.rollups(["region"]).advance(start + HOUR_MS)
+    sealed = Sealed(*(sealed_points[t] for t in ("windows_1m", "rollup_1h", "rollup_1d")))
+    span = {"tenant": "a", "type": "click", "from": str(start / 1000)}
+    length = {"events": 10 * MINUTE_MS, "series 1m": 20 * HOUR_MS}.get(shape, 2 * DAY_MS)
+    span["to"] = str((start + length) / 1000)
+    request = parse_series_request({**span, **params}, now_ms=start + 3 * DAY_MS)
+    assert not isinstance(request, list), request
+    if shape == "events":
+        statement = events_statement(request, store._database)
+    elif shape == "summary":
+        statement = summary_statement(request, sealed, store._database)
+    else:
+        statement = series_statement(request, sealed, store._database)
+    plan = _explain(store, statement.sql, statement.parameters)
+    reads = plan.count("ReadFromMergeTree (")  # lazily read columns come after, by key
+    assert reads >= 1
+    assert plan.count("PrimaryKey") == reads, plan
+    for section in plan.split("PrimaryKey")[1:]:
+        condition = section.split("Condition:")[1].splitlines()[0]
+        assert "tenant in ['a', 'a']" in condition, plan
+        assert "type in ['click', 'click']" in condition, plan
