@@ -49,10 +49,13 @@ integration: setup  ## tests against the real local stack (started and stopped h
 
 test: lint unit integration  ## everything CI runs
 
-bench: setup  ## processing next to a bare Kafka consumer, latency and memory under load, ingest next to bare Starlette (stack started and stopped)
+# The query benchmark groups its rollups by `region`: the stack is started so.
+bench: export RAYLINE_CLICKHOUSE__DIMENSIONS ?= ["region"]
+bench: setup  ## processing next to a bare Kafka consumer, latency and memory under load, ingest next to bare Starlette, query latency on 100 M events next to the engine alone (stack started and stopped)
 	$(BIN)/rayline up >/dev/null
 	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000} \
-	  && $(BIN)/python -m benchmarks.ingest --seconds $${INGEST_SECONDS:-15}; \
+	  && $(BIN)/python -m benchmarks.ingest --seconds $${INGEST_SECONDS:-15} \
+	  && $(BIN)/python -m benchmarks.query --events $${QUERY_EVENTS:-100000000}; \
 	  status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
 
 docs: setup  ## regenerate docs/configuration.md from the settings object

@@ -25,12 +25,13 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from adapters.exceptions import QueryRejected, StoreUnavailable
 from adapters.rollups import QUANTILE_LEVELS, Rollups
 from core.partition_state import WindowResult
+from core.sealed import DISTINCT_SKETCH
 
 
 def _aggregate_table(name: str, partition: str) -> str:
     """DDL of a window aggregate table: mergeable states, one row per bucket and group.
 
-    ``events``, sums and extremes are simple aggregates; distinct counts (``uniq``) and
+    ``events``, sums and extremes are simple aggregates; distinct counts (``uniqCombined``) and
     quantiles (t-digest) are ``-State`` columns, so buckets, groups and rollups merge
     without losing accuracy. ``dims`` follows from ``group_key`` (it is the same pairs
     as a map), hence allowed outside the sorting key. The deduplication window lets a
@@ -48,7 +49,7 @@ def _aggregate_table(name: str, partition: str) -> str:
             value_sum SimpleAggregateFunction(sum, Float64),
             value_min SimpleAggregateFunction(min, Float64),
             value_max SimpleAggregateFunction(max, Float64),
-            distinct_state AggregateFunction(uniq, String),
+            distinct_state AggregateFunction({DISTINCT_SKETCH}, String),
             quantiles_state AggregateFunction(quantilesTDigest({QUANTILE_LEVELS}), Float64)
         )
         ENGINE = AggregatingMergeTree

@@ -65,7 +65,8 @@ def dims_sql(payload: str = "payload") -> str:
 _FROM_RAW = f"""
     SELECT tenant, type, toStartOfMinute(ts) AS bucket, {group_key_sql()} AS gk,
         any({dims_sql()}) AS dm, count() AS events, sum(value) AS value_sum,
-        min(value) AS value_min, max(value) AS value_max, uniqState(entity) AS distinct_state,
+        min(value) AS value_min, max(value) AS value_max,
+        uniqCombinedState(14)(entity) AS distinct_state,
         quantilesTDigestState({QUANTILE_LEVELS})(value) AS quantiles_state
     FROM {{db}}.events FINAL
     WHERE ts >= {{start:DateTime64(3)}} AND ts < {{end:DateTime64(3)}}
@@ -78,7 +79,7 @@ def _from_aggregate(source: str, bucket: str) -> str:
     return f"""
     SELECT tenant, type, {bucket}(window_start) AS bucket, group_key AS gk, any(dims) AS dm,
         sum(events), sum(value_sum), min(value_min), max(value_max),
-        uniqMergeState(distinct_state),
+        uniqCombinedMergeState(14)(distinct_state),
         quantilesTDigestMergeState({QUANTILE_LEVELS})(quantiles_state)
     FROM {{db}}.{source}
     WHERE window_start >= {{start:DateTime64(3)}} AND window_start < {{end:DateTime64(3)}}
@@ -264,7 +265,8 @@ class Rollups:
         rows = self._query(
             "SELECT tenant, type, toUnixTimestamp(window_start) * 1000 AS start, group_key, "
             "any(dims), sum(events), sum(value_sum), min(value_min), max(value_max), "
-            f"uniqMerge(distinct_state), quantilesTDigestMerge({QUANTILE_LEVELS})(quantiles_state) "
+            "uniqCombinedMerge(14)(distinct_state), "
+            f"quantilesTDigestMerge({QUANTILE_LEVELS})(quantiles_state) "
             f"FROM {self._db}.windows_1m "
             "WHERE window_start > {after:DateTime64(3)} "
             "GROUP BY tenant, type, window_start, group_key "

@@ -170,11 +170,11 @@ async def _drive(
     return latencies
 
 
-async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed) -> None:
+async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed, clients: int) -> None:
     args = bench.args
     url = f"{base_url(bench.settings)}/v1/query"
     headers = {"authorization": f"Bearer {keys[TENANTS[0]]}"}
-    limits = httpx.Limits(max_connections=args.clients * 2)
+    limits = httpx.Limits(max_connections=clients * 2)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as http:
         names = [name for name, _p in bench.dashboard(0)]
         for index, name in enumerate(names):
@@ -182,14 +182,15 @@ async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed) -> None:
 
             def cold(i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
                 # A new range end every request: nothing is in the cache yet.
-                return http.get(path, params=bench.dashboard(1 + i + index * 10_000)[index][1])
+                # (a 1,000-minute step per client count: passes do not share entries)
+                return http.get(path, params=bench.dashboard(1 + i + 1000 * clients)[index][1])
 
             def warm(_i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
                 return http.get(path, params=bench.dashboard(0)[index][1])
 
             await warm(0)  # fill the cache for the warm run
-            cold_ms = await _drive(args.clients, args.requests, cold)
-            warm_ms = await _drive(args.clients, args.requests, warm)
+            cold_ms = await _drive(clients, args.requests, cold)
+            warm_ms = await _drive(clients, args.requests, warm)
             reference = bench.reference(bench.dashboard(0)[index][1], sealed)
             print(_line(f"{name}, cold", cold_ms, reference))
             print(_line(f"{name}, warm (cache)", warm_ms))
@@ -203,7 +204,7 @@ async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed) -> None:
         def raw(_i: int) -> Awaitable[httpx.Response]:
             return http.post("/sql", json={"sql": scan})
 
-        raw_ms = await _drive(max(1, args.clients // 2), max(10, args.requests // 10), raw)
+        raw_ms = await _drive(clients, max(10, args.requests // 10), raw)
         filtered = scan.replace("WHERE", f"WHERE tenant = '{TENANTS[0]}' AND")
         reference = []
         for _ in range(3):
@@ -225,7 +226,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000_000, help="raw events to seed")
     parser.add_argument("--days", type=int, default=10, help="days the events span")
     parser.add_argument("--seed-batch", type=int, default=5_000_000, help="rows per INSERT")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument(
+        "--clients", type=int, default=4, help="concurrent HTTP clients (a 1-client pass runs too)"
+    )
     parser.add_argument("--requests", type=int, default=200, help="requests per measurement")
     parser.add_argument("--reference-runs", type=int, default=10, help="engine-alone runs")
     args = parser.parse_args()
@@ -237,8 +240,9 @@ def main() -> None:
         status: dict[str, int] = ray.get(status_ref)["sealed"]
         sealed = Sealed(status["windows_1m"], status["rollup_1h"], status["rollup_1d"])
         keys = asyncio.run(bench.keys())
-        print(f"{args.clients} concurrent clients, {args.requests} requests per line")
-        asyncio.run(_measure(bench, keys, sealed))
+        for clients in sorted({1, args.clients}):
+            print(f"\n{clients} concurrent client(s), {args.requests} requests per line")
+            asyncio.run(_measure(bench, keys, sealed, clients))
 
 
 if __name__ == "__main__":

@@ -28,12 +28,26 @@ from core.sealed import QUANTILE_LEVELS, QUANTILE_NAMES
 _LEVELS_SQL = ", ".join(str(q) for q in QUANTILE_LEVELS)
 _BUCKET_FN = {MINUTE: "toStartOfMinute", HOUR: "toStartOfHour", DAY: "toStartOfDay"}
 _TABLE = {MINUTE: "windows_1m", HOUR: "rollup_1h", DAY: "rollup_1d"}
-_STATE_COLUMNS = "events, value_sum, value_min, value_max, distinct_state, quantiles_state"
-_RAW_STATES = (
-    "count() AS events, sum(value) AS value_sum, min(value) AS value_min, "
-    "max(value) AS value_max, uniqState(entity) AS distinct_state, "
-    f"quantilesTDigestState({_LEVELS_SQL})(value) AS quantiles_state"
-)
+# Each state column, and how the raw part folds events into it.
+_RAW_STATE = {
+    "events": "count()",
+    "value_sum": "sum(value)",
+    "value_min": "min(value)",
+    "value_max": "max(value)",
+    "distinct_state": "uniqCombinedState(14)(entity)",
+    "quantiles_state": f"quantilesTDigestState({_LEVELS_SQL})(value)",
+}
+# The columns each metric merges: a part reads (or, from raw events, computes) only these,
+# so a count never touches the distinct and quantile states.
+_NEEDS = {
+    "count": ("events",),
+    "sum": ("value_sum",),
+    "min": ("value_min",),
+    "max": ("value_max",),
+    "avg": ("value_sum", "events"),
+    "distinct": ("distinct_state",),
+    **dict.fromkeys(QUANTILE_NAMES, ("quantiles_state",)),
+}
 _QUANTILES = f"quantilesTDigestMerge({_LEVELS_SQL})(quantiles_state)"
 METRIC_SQL: Mapping[str, str] = {
     "count": "sum(events)",
@@ -41,7 +55,7 @@ METRIC_SQL: Mapping[str, str] = {
     "min": "min(value_min)",
     "max": "max(value_max)",
     "avg": "sum(value_sum) / nullIf(sum(events), 0)",
-    "distinct": "uniqMerge(distinct_state)",
+    "distinct": "uniqCombinedMerge(14)(distinct_state)",
     **{name: f"{_QUANTILES}[{i + 1}]" for i, name in enumerate(QUANTILE_NAMES)},
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -104,22 +118,30 @@ class _Builder:
         ]
         return " AND ".join(clauses)
 
-    def part(self, source: str, bucket: str | None, part: str, start: int, end: int) -> str:
+    def part(
+        self,
+        source: str,
+        bucket: str | None,
+        part: str,
+        span: tuple[int, int],
+        columns: tuple[str, ...],
+    ) -> str:
         """One part of the union: bucket, groups, and the mergeable state columns."""
         raw = source == "events"
         column = "toDateTime(ts, 'UTC')" if raw else "window_start"
         keys = [f"{self._attribute(raw, g)} AS {g}" for g in self.groups()]
         if bucket is not None:
             keys.insert(0, f"{bucket}({column}) AS bucket")
-        where = self._where(raw, part, start, end)
-        select = ", ".join([*keys, _RAW_STATES if raw else _STATE_COLUMNS])
+        where = self._where(raw, part, *span)
+        states = [f"{_RAW_STATE[c]} AS {c}" if raw else c for c in columns]
+        select = ", ".join([*keys, *states])
         if not raw:
             return f"SELECT {select} FROM {self.db}.{source} WHERE {where}"
         group = ", ".join(["bucket"] * (bucket is not None) + self.groups()) or "tuple()"
         return f"SELECT {select} FROM {self.db}.events FINAL WHERE {where} GROUP BY {group}"
 
 
-def _parts(builder: _Builder, sealed: Sealed, bucketed: bool) -> str:
+def _parts(builder: _Builder, sealed: Sealed, bucketed: bool, columns: tuple[str, ...]) -> str:
     request = builder.request
     start, end = request.bucket_bounds()
     resolution = request.resolution
@@ -128,11 +150,11 @@ def _parts(builder: _Builder, sealed: Sealed, bucketed: bool) -> str:
     minute = min(max(sealed.minute, own), end)
     parts = []
     if own > start:
-        parts.append(builder.part(_TABLE[resolution], bucket, "a", start, own))
+        parts.append(builder.part(_TABLE[resolution], bucket, "a", (start, own), columns))
     if resolution != MINUTE and minute > own:
-        parts.append(builder.part(_TABLE[MINUTE], bucket, "b", own, minute))
+        parts.append(builder.part(_TABLE[MINUTE], bucket, "b", (own, minute), columns))
     if end > minute:
-        parts.append(builder.part("events", bucket, "c", minute, end))
+        parts.append(builder.part("events", bucket, "c", (minute, end), columns))
     return " UNION ALL ".join(parts)
 
 
@@ -141,7 +163,7 @@ def series_statement(request: SeriesRequest, sealed: Sealed, database: str) -> S
     if request.resolution == RAW:
         raise ValueError("raw requests are events, see events_statement")
     builder = _Builder(request, database)
-    parts = _parts(builder, sealed, bucketed=True)
+    parts = _parts(builder, sealed, bucketed=True, columns=_NEEDS[request.metric])
     groups = builder.groups()
     metric = METRIC_SQL[request.metric]
     keys = ", ".join(["bucket", *groups])
@@ -164,7 +186,7 @@ def series_statement(request: SeriesRequest, sealed: Sealed, database: str) -> S
 def summary_statement(request: SeriesRequest, sealed: Sealed, database: str) -> Statement:
     """Every metric over the whole range, per group; ``top`` keeps the largest groups."""
     builder = _Builder(request, database)
-    parts = _parts(builder, sealed, bucketed=False)
+    parts = _parts(builder, sealed, bucketed=False, columns=tuple(_RAW_STATE))
     groups = builder.groups()
     metrics = ", ".join(f"{sql} AS {name}" for name, sql in METRIC_SQL.items())
     select = ", ".join([*groups, metrics])

@@ -17,6 +17,10 @@ from typing import Any
 MINUTE_MS = 60_000
 QUANTILE_NAMES = ("p50", "p90", "p99")
 QUANTILE_LEVELS = (0.5, 0.9, 0.99)
+DISTINCT_SKETCH = "uniqCombined(14)"
+"""ClickHouse's distinct-count state in the aggregates: exact for small sets, then HLL
+(about 0.5% error) in at most ~12 KB, so days of minutes merge fast. (``uniq`` keeps
+up to 256 KB per state, and merging a day's states of one busy group cost 100 ms.)"""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -56,6 +57,7 @@ from serve_apps.cache import TtlCache
 from serve_apps.http import BodyTooLarge, read_body
 from serve_apps.schemas import AsyncSchemas
 
+log = logging.getLogger(__name__)
 ALL_TENANTS = "*"  # a platform key may write events of any tenant
 _CACHE_SECONDS = 5.0
 
@@ -162,11 +164,21 @@ class IngestEdge:
         self._catalog = SourceCatalog(config.dsn)
         self._keys = ApiKeys(config.dsn, self._catalog)
         self._limits = RateLimiter(config.redis_url)
+        self.redis_error: str | None = None
+        """Set while Redis is down (rate limits and replay ids are then not enforced)."""
         self._deliveries = DeliveryLog(config.redis_url, config.delivery_ttl_s)
         self._stats = AsyncSourceStats(config.redis_url)
         self._lag = LagWatch(config)
         self._sources = TtlCache(self._catalog.source, _CACHE_SECONDS)
         self._schemas = AsyncSchemas(self._catalog)
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /healthz`` shows: the producer's queue, and Redis while it is down."""
+        return {
+            "status": "ok",
+            "producer_queue": self.queued(),
+            "redis": self.redis_error or "ok",
+        }
 
     def queued(self) -> int:
         return self._producer.queued()
@@ -389,7 +401,11 @@ class IngestEdge:
         try:
             decision = await self._limits.take(buckets, cost)
         except StoreUnavailable as exc:
-            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+            # Redis down: events keep flowing (limits are not enforced meanwhile) rather
+            # than every sender being refused; health and the log say so.
+            self._redis_down(exc)
+            return
+        self.redis_error = None
         if not decision.allowed:
             if decision.never:
                 raise _Reject(Answer.error(413, decision.describe(cost)))
@@ -403,7 +419,15 @@ class IngestEdge:
         try:
             return await self._deliveries.claim(source, delivery)
         except StoreUnavailable as exc:
-            raise _Reject(Answer.error(503, str(exc), retry_after=5)) from None
+            # Redis down: the delivery is applied; a replayed copy then counts once
+            # anyway, through the workers' dedup of event ids.
+            self._redis_down(exc)
+            return True
+
+    def _redis_down(self, exc: StoreUnavailable) -> None:
+        if self.redis_error is None:
+            log.warning("Redis unavailable: rate limits and replay ids not enforced: %s", exc)
+        self.redis_error = f"unavailable, rate limits and replay ids not enforced: {exc}"
 
     async def _build(
         self,

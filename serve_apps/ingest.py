@@ -47,7 +47,7 @@ class IngestAPI:
 
     @app.get("/healthz")
     async def healthz(self) -> Any:
-        return {"status": "ok", "producer_queue": self._edge.queued()}
+        return self._edge.health()
 
     def __del__(self) -> None:
         self._edge.close()

@@ -45,4 +45,4 @@ def add_routes(api: FastAPI, edge: Any) -> None:
 
     @api.get("/healthz")
     async def healthz() -> Any:
-        return {"status": "ok", "producer_queue": current().queued()}
+        return current().health()

@@ -325,6 +325,34 @@ def _push(n: int) -> bytes:
     return orjson.dumps({"ref": "refs/heads/main", "repository": {"full_name": f"acme/r{n}"}})
 
 
+def test_with_redis_down_events_and_webhooks_still_flow_and_health_says_so(
+    services: Settings, tenant: str
+) -> None:
+    topics = Topics(services, tenant)
+    source = _source(
+        services,
+        kind="webhook",
+        tenant=tenant,
+        auth="hmac",
+        scheme="github",
+        secrets=(signatures.new_secret("github"),),
+        mapping=GITHUB_MAPPING,
+    )
+    dead_redis = _config(services, redis_url="redis://127.0.0.1:9/0")  # nothing listens on 9
+    for client in _client(dead_redis):
+        answer = client.post("/v1/events", json=[_event(tenant, 1)], headers=_key(services, tenant))
+        assert answer.status_code == 202, answer.text
+        body = _push(2)
+        signed = signatures.sign(
+            "github", source.secrets[0], body, now_s=time.time(), delivery_id=str(uuid.uuid4())
+        )
+        hook = client.post(f"/v1/sources/{source.name}/webhook", content=body, headers=signed)
+        assert hook.status_code == 202, hook.text
+        health = client.get("/healthz").json()
+        assert health["redis"].startswith("unavailable, rate limits and replay ids not enforced")
+    assert len(topics.new_raw(2)) == 2
+
+
 def test_github_signed_webhook_is_accepted_once_and_a_replay_is_not_applied(
     client: TestClient, services: Settings, tenant: str
 ) -> None:

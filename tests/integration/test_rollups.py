@@ -82,7 +82,7 @@ def test_distinct_counts_and_quantiles_merge_across_rollups(store: ClickHouseSto
     store.rollups([]).advance(start + 3 * HOUR_MS)
     db = store._database
     _c, hourly = store.run_query(
-        f"SELECT uniqMerge(distinct_state), quantilesTDigestMerge(0.5, 0.9, 0.99)"
+        f"SELECT uniqCombinedMerge(14)(distinct_state), quantilesTDigestMerge(0.5, 0.9, 0.99)"
         f"(quantiles_state) FROM {db}.rollup_1h WHERE tenant = 'a' AND type = 'click'",
         {},
     )
@@ -214,3 +214,27 @@ def test_every_api_query_reads_by_the_primary_key(
         condition = section.split("Condition:")[1].splitlines()[0]
         assert "tenant in ['a', 'a']" in condition, plan
         assert "type in ['click', 'click']" in condition, plan
+
+
+def test_a_rebuild_takes_in_events_stored_after_their_minutes_were_sealed(
+    store: ClickHouseStore,
+) -> None:
+    start = day_start(3)
+    first = make_events(["a"], start, minutes=60, per_minute=5, seed=1)
+    store.insert_events(events_table(first))
+    rollups = store.rollups(["region"])
+    sealed = rollups.advance(start + 2 * DAY_MS)
+    late = [
+        Event(e.tenant, e.type, e.ts, "late-" + e.event_id, e.entity, e.value, e.region)
+        for e in make_events(["a"], start + 10 * MINUTE_MS, minutes=5, per_minute=7, seed=2)
+    ]
+    store.insert_events(events_table(late))  # a backfill: its minutes are sealed already
+    assert stored(store, "windows_1m") == expected(first, MINUTE_MS, sealed["windows_1m"])
+
+    written = rollups.rebuild(start, start + DAY_MS)
+    rollups.rebuild(start, start + DAY_MS)  # a second rebuild changes nothing
+
+    assert written == {"windows_1m": 24, "rollup_1h": 1, "rollup_1d": 1}
+    everything = first + late
+    for table, bucket in (("windows_1m", MINUTE_MS), ("rollup_1h", HOUR_MS), ("rollup_1d", DAY_MS)):
+        assert stored(store, table) == expected(everything, bucket, sealed[table]), table
