@@ -112,7 +112,7 @@ def down(ctx: typer.Context) -> None:
 
 
 def _status_data(settings: Settings) -> dict[str, Any]:
-    from cluster.deploy import connected, pipeline_status
+    from cluster.deploy import actors_status, connected, pipeline_status
 
     stack = _stack(settings)
     services = [
@@ -120,11 +120,19 @@ def _status_data(settings: Settings) -> dict[str, Any]:
         for s in stack.status()
     ]
     pipeline = None
+    actors: dict[str, Any] = {}
     ray_running = any(s["name"] == "ray" and s["state"] == "running" for s in services)
     if ray_running:
         with connected(settings):
             pipeline = pipeline_status(settings)
-    return {"services": services, "pipeline": pipeline, "sources": _source_stats(settings)}
+            if pipeline is not None:
+                actors = actors_status(settings)
+    return {
+        "services": services,
+        "pipeline": pipeline,
+        "sources": _source_stats(settings),
+        **actors,
+    }
 
 
 def _source_stats(settings: Settings) -> dict[str, Any]:
@@ -163,6 +171,32 @@ def _print_sources(sources: dict[str, Any]) -> None:
             str(row.get("last_error", ""))[:60],
         )
     console.print(table)
+
+
+def _print_actors(data: dict[str, Any]) -> None:
+    """One line each for the rollups, the archiver and the alerting engine."""
+
+    def iso(ms: Any) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(int(ms) / 1000))
+
+    rollups = data.get("rollups", {})
+    sealed = rollups.get("sealed") or {}
+    line = ", ".join(f"{t} {iso(ms)}" for t, ms in sorted(sealed.items())) or "nothing yet"
+    problem = rollups.get("error")
+    console.print(f"rollups sealed: {line}" + (f"  [red]{problem}[/red]" if problem else ""))
+    archive = data.get("archiver", {})
+    problem = archive.get("last_error") or archive.get("error")
+    console.print(
+        f"archiver: {archive.get('state', '-')}, {archive.get('files_written', 0):,} files, "
+        f"{archive.get('rows_written', 0):,} rows" + (f"  [red]{problem}[/red]" if problem else "")
+    )
+    alerting = data.get("alerting", {})
+    problem = alerting.get("last_error") or alerting.get("error")
+    console.print(
+        f"alerting: {alerting.get('state', '-')}, {alerting.get('rules', 0)} rules, "
+        f"{alerting.get('open_incidents', 0)} open incidents"
+        + (f"  [red]{problem}[/red]" if problem else "")
+    )
 
 
 def _print_status(settings: Settings) -> None:
@@ -206,6 +240,7 @@ def _print_status(settings: Settings) -> None:
             (w.get("last_error") or "")[:60],
         )
     console.print(workers)
+    _print_actors(data)
     s = settings
     console.print(
         f"ingest: http://{s.serve.host}:{s.serve.port}/v1/events   "

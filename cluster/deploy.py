@@ -313,6 +313,27 @@ def pipeline_status(settings: Settings) -> dict[str, Any] | None:
     return dict(ray.get(coordinator.status.remote(), timeout=30))
 
 
+def actors_status(settings: Settings) -> dict[str, Any]:
+    """Rollups, archiver and alerting engine as each reports itself; an actor that does
+    not answer (or is not deployed) shows its error instead."""
+    from actors.alerting import ACTOR_NAME as ALERTING_NAME
+    from actors.archiver import ARCHIVER_NAME
+
+    calls = {
+        "rollups": (OWNER_NAME, "rollup_status"),
+        "archiver": (ARCHIVER_NAME, "status"),
+        "alerting": (ALERTING_NAME, "status"),
+    }
+    report: dict[str, Any] = {}
+    for key, (name, method) in calls.items():
+        try:
+            actor = ray.get_actor(name, namespace=settings.ray.namespace)
+            report[key] = ray.get(getattr(actor, method).remote(), timeout=30)
+        except (ValueError, ray.exceptions.RayError, TimeoutError) as exc:
+            report[key] = {"error": str(exc).splitlines()[0][:200]}
+    return report
+
+
 def scale_workers(settings: Settings, workers: int) -> dict[str, Any]:
     """Change the number of partition workers at run time (a new epoch)."""
     coordinator = ray.get_actor(COORDINATOR_NAME, namespace=settings.ray.namespace)

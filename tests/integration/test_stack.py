@@ -33,6 +33,13 @@ def test_status_reports_services_and_pipeline(stack: Settings) -> None:
     assert all(w["alive"] for w in workers)
     owned = sorted(p for w in workers for p in w["partitions"])
     assert owned == list(range(stack.kafka.raw_partitions))
+    assert set(data["rollups"]["sealed"]) == {"windows_1m", "rollup_1h", "rollup_1d"}
+    assert data["archiver"]["state"] in ("running", "paused", "retrying")
+    assert data["alerting"]["state"] in ("running", "paused")
+    shown = rayline("status")
+    assert "rollups sealed: rollup_1d" in shown.stdout, shown.stdout
+    assert "archiver: " in shown.stdout
+    assert "alerting: " in shown.stdout
 
 
 def test_up_twice_keeps_what_runs(stack: Settings) -> None:

@@ -121,6 +121,7 @@ def test_configuration_doc_is_generated_from_the_settings() -> None:
         "keys",
         "devices",
         "cdc",
+        "rollups",
     ],
 )
 def test_every_command_has_help(command: str) -> None:
@@ -152,3 +153,23 @@ def test_scale_refuses_zero_workers_before_touching_the_cluster() -> None:
     result = CliRunner().invoke(app, ["scale", "workers", "0"])
     assert result.exit_code == 2
     assert "greater than or equal to 1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("RAYLINE_CLICKHOUSE__DIMENSIONS", '["region", "re gion"]', "not an attribute name"),
+        ("RAYLINE_CLICKHOUSE__DIMENSIONS", '["a", "a"]', "distinct"),
+        ("RAYLINE_CLICKHOUSE__DIMENSIONS", '["x\'); DROP"]', "not an attribute name"),
+        ("RAYLINE_CLICKHOUSE__RAW_TTL_DAYS", "-1", "greater than or equal to 0"),
+        ("RAYLINE_QUERY__MAX_POINTS", "5", "greater than or equal to 10"),
+        ("RAYLINE_QUERY__SQL_MAX_SECONDS", "0", "greater than 0"),
+    ],
+)
+def test_bad_storage_and_query_settings_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert message in str(caught.value)
