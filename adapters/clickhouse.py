@@ -23,9 +23,9 @@ import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from adapters.exceptions import QueryRejected, StoreUnavailable
-from adapters.rollups import QUANTILE_LEVELS, Rollups
+from adapters.rollups import Rollups
 from core.partition_state import WindowResult
-from core.sealed import DISTINCT_SKETCH
+from core.sealed import DISTINCT, QUANTILES
 
 
 def _aggregate_table(name: str, partition: str) -> str:
@@ -49,8 +49,8 @@ def _aggregate_table(name: str, partition: str) -> str:
             value_sum SimpleAggregateFunction(sum, Float64),
             value_min SimpleAggregateFunction(min, Float64),
             value_max SimpleAggregateFunction(max, Float64),
-            distinct_state AggregateFunction({DISTINCT_SKETCH}, String),
-            quantiles_state AggregateFunction(quantilesTDigest({QUANTILE_LEVELS}), Float64)
+            distinct_state AggregateFunction({DISTINCT.sql()}, String),
+            quantiles_state AggregateFunction({QUANTILES.sql()}, Float64)
         )
         ENGINE = AggregatingMergeTree
         PARTITION BY {partition}
@@ -447,20 +447,16 @@ class ClickHouseStore:
             self._reader = clickhouse_connect.get_client(dsn=self._dsn, database=self._database)
         try:
             result = self._reader.query(sql, parameters=parameters, settings=settings)
-        except ClickHouseError as exc:
-            # A query that failed mid-answer can leave the rest of its stream behind;
-            # a fresh client makes sure no later query reads any of it.
+        except (ClickHouseError, MemoryError, IndexError, ValueError, TypeError) as exc:
+            # A query that failed mid-answer can leave the rest of its stream behind; a
+            # fresh client makes sure no later query (of any tenant) reads any of it.
             self._reader.close()
             self._reader = None
-            raise QueryRejected(_first_line(str(exc))) from exc
-        except MemoryError as exc:
-            self._reader.close()
-            self._reader = None
-            raise QueryRejected("the query needs more memory than it may use") from exc
-        except (IndexError, ValueError, TypeError) as exc:  # an answer the driver misread
-            self._reader.close()
-            self._reader = None
-            raise QueryRejected(f"the answer could not be read: {exc}") from exc
+            if isinstance(exc, ClickHouseError):
+                raise QueryRejected(_first_line(str(exc))) from exc
+            if isinstance(exc, MemoryError):
+                raise QueryRejected("the query needs more memory than it may use") from exc
+            raise QueryRejected(f"the answer could not be read: {exc}") from exc  # misread
         return list(result.column_names), [tuple(r) for r in result.result_rows]
 
     def _command(

@@ -28,6 +28,7 @@ async def _ensure_database(admin_dsn: str, database: str) -> bool:
 
 T = TypeVar("T")
 
+
 def ensure_database(admin_dsn: str, database: str) -> bool:
     """Create ``database`` when missing; True when it was created now."""
     try:

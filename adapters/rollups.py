@@ -23,26 +23,18 @@ import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core.sealed import QUANTILE_LEVELS as _LEVELS
-from core.sealed import QUANTILE_NAMES, SealedWindow
+from core.query_plan import utc_datetime
+from core.sealed import DISTINCT, QUANTILE_NAMES, QUANTILES, SealedWindow
 
 log = logging.getLogger(__name__)
 
-QUANTILE_LEVELS = ", ".join(str(q) for q in _LEVELS)
-"""The quantile levels of every ``quantilesTDigest`` state, as SQL."""
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Command = Callable[[str, dict[str, Any], dict[str, Any] | None], None]
 Query = Callable[[str, dict[str, Any]], list[tuple[Any, ...]]]
-
-
-def utc(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
 
 
 def group_key_sql(payload: str = "payload") -> str:
@@ -66,8 +58,8 @@ _FROM_RAW = f"""
     SELECT tenant, type, toStartOfMinute(ts) AS bucket, {group_key_sql()} AS gk,
         any({dims_sql()}) AS dm, count() AS events, sum(value) AS value_sum,
         min(value) AS value_min, max(value) AS value_max,
-        uniqCombinedState(14)(entity) AS distinct_state,
-        quantilesTDigestState({QUANTILE_LEVELS})(value) AS quantiles_state
+        {DISTINCT.sql("State")}(entity) AS distinct_state,
+        {QUANTILES.sql("State")}(value) AS quantiles_state
     FROM {{db}}.events FINAL
     WHERE ts >= {{start:DateTime64(3)}} AND ts < {{end:DateTime64(3)}}
     GROUP BY tenant, type, bucket, gk
@@ -79,8 +71,8 @@ def _from_aggregate(source: str, bucket: str) -> str:
     return f"""
     SELECT tenant, type, {bucket}(window_start) AS bucket, group_key AS gk, any(dims) AS dm,
         sum(events), sum(value_sum), min(value_min), max(value_max),
-        uniqCombinedMergeState(14)(distinct_state),
-        quantilesTDigestMergeState({QUANTILE_LEVELS})(quantiles_state)
+        {DISTINCT.sql("MergeState")}(distinct_state),
+        {QUANTILES.sql("MergeState")}(quantiles_state)
     FROM {{db}}.{source}
     WHERE window_start >= {{start:DateTime64(3)}} AND window_start < {{end:DateTime64(3)}}
     GROUP BY tenant, type, bucket, gk
@@ -219,7 +211,7 @@ class Rollups:
             end = min(-(-to_ms // DAY_MS) * DAY_MS, sealed // level.unit_ms * level.unit_ms)
             if end <= start:
                 continue
-            params = {"start": utc(start), "end": utc(end)}
+            params = {"start": utc_datetime(start), "end": utc_datetime(end)}
             tables = [level.table] + (["data_quality_1m"] if level.upstream is None else [])
             for table in tables:
                 self._command(
@@ -238,7 +230,7 @@ class Rollups:
         return written
 
     def _write_chunk(self, level: Level, start: int, end: int, suffix: str = "") -> None:
-        params = {"start": utc(start), "end": utc(end), "dims": self._dims}
+        params = {"start": utc_datetime(start), "end": utc_datetime(end), "dims": self._dims}
         token = f"{level.table}:{start}:{end}{suffix}"
         sql = f"INSERT INTO {self._db}.{level.table} ({_COLUMNS}) " + level.select.replace(
             "{db}", self._db
@@ -250,13 +242,13 @@ class Rollups:
                 params,
                 {"insert_deduplication_token": "dq:" + token},
             )
-        log.info("rolled %s up over [%s, %s)", level.table, utc(start), utc(end))
+        log.info("rolled %s up over [%s, %s)", level.table, utc_datetime(start), utc_datetime(end))
 
     def _record(self, table: str, sealed: int, pending: int) -> None:
         self._command(
             f"INSERT INTO {self._db}.rollup_progress (name, sealed_until, pending_until) "
             "VALUES ({name:String}, {sealed:DateTime64(3)}, {pending:DateTime64(3)})",
-            {"name": table, "sealed": utc(sealed), "pending": utc(pending)},
+            {"name": table, "sealed": utc_datetime(sealed), "pending": utc_datetime(pending)},
             None,
         )
 
@@ -265,13 +257,13 @@ class Rollups:
         rows = self._query(
             "SELECT tenant, type, toUnixTimestamp(window_start) * 1000 AS start, group_key, "
             "any(dims), sum(events), sum(value_sum), min(value_min), max(value_max), "
-            "uniqCombinedMerge(14)(distinct_state), "
-            f"quantilesTDigestMerge({QUANTILE_LEVELS})(quantiles_state) "
+            f"{DISTINCT.sql('Merge')}(distinct_state), "
+            f"{QUANTILES.sql('Merge')}(quantiles_state) "
             f"FROM {self._db}.windows_1m "
             "WHERE window_start > {after:DateTime64(3)} "
             "GROUP BY tenant, type, window_start, group_key "
             "ORDER BY window_start, tenant, type, group_key LIMIT {limit:UInt32}",
-            {"after": utc(after_ms), "limit": limit},
+            {"after": utc_datetime(after_ms), "limit": limit},
         )
         return [_sealed(r) for r in rows]
 

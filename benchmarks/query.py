@@ -29,10 +29,10 @@ import httpx
 import ray
 
 from actors.clickhouse_owner import OWNER_NAME
-from adapters.rollups import utc as _utc
 from cluster.deploy import base_url, connected
 from cluster.settings import Settings, load_settings
 from core.query_plan import parse_series_request
+from core.query_plan import utc_datetime as _utc
 from core.query_sql import Sealed, series_statement, summary_statement
 
 DAY_MS, HOUR_MS, MINUTE_MS = 86_400_000, 3_600_000, 60_000

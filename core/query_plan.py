@@ -216,9 +216,11 @@ def parse_series_request(
     )
 
 
-def _time_param(
+def time_param(
     params: Mapping[str, str], name: str, default_ms: int, errors: list[FieldError]
 ) -> int:
+    """A time parameter (epoch seconds, or RFC 3339) in epoch ms; a problem is added to
+    ``errors`` (and the default returned) when it is neither."""
     if name not in params:
         return default_ms
     value: str | float = params[name]
@@ -236,8 +238,8 @@ def _time_range(
     params: Mapping[str, str], now_ms: int, errors: list[FieldError]
 ) -> tuple[int, int]:
     before = len(errors)
-    to_ms = _time_param(params, "to", now_ms, errors)
-    from_ms = _time_param(params, "from", to_ms - DEFAULT_RANGE_MS, errors)
+    to_ms = time_param(params, "to", now_ms, errors)
+    from_ms = time_param(params, "from", to_ms - DEFAULT_RANGE_MS, errors)
     if len(errors) > before:
         return from_ms, to_ms
     if from_ms >= to_ms:
@@ -347,8 +349,8 @@ def bind_filters(request: SeriesRequest) -> tuple[str, dict[str, Any]]:
     bound: dict[str, Any] = {
         "tenant": request.tenant,
         "type": request.type,
-        "from": _utc(start),
-        "to": _utc(end),
+        "from": utc_datetime(start),
+        "to": utc_datetime(end),
     }
     attribute_expr = _ATTRIBUTE_EXPR.get(table, "dims[{key}]")
     for i, (attribute, value) in enumerate(request.filters):
@@ -357,11 +359,12 @@ def bind_filters(request: SeriesRequest) -> tuple[str, dict[str, Any]]:
         bound[f"f{i}_key"], bound[f"f{i}_value"] = attribute, value
     if request.cursor is not None:
         clauses.append("(ts, event_id) > ({cursor_ts:DateTime64(3)}, {cursor_id:String})")
-        bound["cursor_ts"] = _utc(request.cursor.ts_ms)
+        bound["cursor_ts"] = utc_datetime(request.cursor.ts_ms)
         bound["cursor_id"] = request.cursor.event_id
     return " AND ".join(clauses), bound
 
 
-def _utc(ms: int) -> datetime:
+def utc_datetime(ms: int) -> datetime:
+    """Epoch milliseconds as an aware UTC datetime (as ClickHouse parameters take them)."""
     # Integer arithmetic: a float division could round a bound off by a millisecond.
     return _EPOCH + timedelta(milliseconds=ms)

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core.query_plan import DAY, HOUR, MINUTE, RAW, SeriesRequest
-from core.sealed import QUANTILE_LEVELS, QUANTILE_NAMES
+from core.query_plan import DAY, HOUR, MINUTE, RAW, SeriesRequest, utc_datetime
+from core.sealed import DISTINCT, QUANTILE_NAMES, QUANTILES
 
-_LEVELS_SQL = ", ".join(str(q) for q in QUANTILE_LEVELS)
 _BUCKET_FN = {MINUTE: "toStartOfMinute", HOUR: "toStartOfHour", DAY: "toStartOfDay"}
 _TABLE = {MINUTE: "windows_1m", HOUR: "rollup_1h", DAY: "rollup_1d"}
 # Each state column, and how the raw part folds events into it.
@@ -34,8 +32,8 @@ _RAW_STATE = {
     "value_sum": "sum(value)",
     "value_min": "min(value)",
     "value_max": "max(value)",
-    "distinct_state": "uniqCombinedState(14)(entity)",
-    "quantiles_state": f"quantilesTDigestState({_LEVELS_SQL})(value)",
+    "distinct_state": f"{DISTINCT.sql('State')}(entity)",
+    "quantiles_state": f"{QUANTILES.sql('State')}(value)",
 }
 # The columns each metric merges: a part reads (or, from raw events, computes) only these,
 # so a count never touches the distinct and quantile states.
@@ -48,21 +46,16 @@ _NEEDS = {
     "distinct": ("distinct_state",),
     **dict.fromkeys(QUANTILE_NAMES, ("quantiles_state",)),
 }
-_QUANTILES = f"quantilesTDigestMerge({_LEVELS_SQL})(quantiles_state)"
+_QUANTILES = f"{QUANTILES.sql('Merge')}(quantiles_state)"
 METRIC_SQL: Mapping[str, str] = {
     "count": "sum(events)",
     "sum": "sum(value_sum)",
     "min": "min(value_min)",
     "max": "max(value_max)",
     "avg": "sum(value_sum) / nullIf(sum(events), 0)",
-    "distinct": "uniqCombinedMerge(14)(distinct_state)",
+    "distinct": f"{DISTINCT.sql('Merge')}(distinct_state)",
     **{name: f"{_QUANTILES}[{i + 1}]" for i, name in enumerate(QUANTILE_NAMES)},
 }
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _utc(ms: int) -> datetime:
-    return _EPOCH + timedelta(milliseconds=ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +98,10 @@ class _Builder:
 
     def _where(self, raw: bool, part: str, start: int, end: int) -> str:
         column = "ts" if raw else "window_start"
-        self.params[f"{part}_from"], self.params[f"{part}_to"] = _utc(start), _utc(end)
+        self.params[f"{part}_from"], self.params[f"{part}_to"] = (
+            utc_datetime(start),
+            utc_datetime(end),
+        )
         clauses = [
             "tenant = {tenant:String}",
             "type = {type:String}",
@@ -206,7 +202,7 @@ def events_statement(request: SeriesRequest, database: str) -> Statement:
     where = builder._where(True, "r", request.from_ms, request.to_ms)
     if request.cursor is not None:
         where += " AND (ts, event_id) > ({cursor_ts:DateTime64(3)}, {cursor_id:String})"
-        builder.params["cursor_ts"] = _utc(request.cursor.ts_ms)
+        builder.params["cursor_ts"] = utc_datetime(request.cursor.ts_ms)
         builder.params["cursor_id"] = request.cursor.event_id
     builder.params["limit"] = request.limit + 1
     sql = (

@@ -12,15 +12,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MINUTE_MS = 60_000
 QUANTILE_NAMES = ("p50", "p90", "p99")
 QUANTILE_LEVELS = (0.5, 0.9, 0.99)
-DISTINCT_SKETCH = "uniqCombined(14)"
-"""ClickHouse's distinct-count state in the aggregates: exact for small sets, then HLL
-(about 0.5% error) in at most ~12 KB, so days of minutes merge fast. (``uniq`` keeps
-up to 256 KB per state, and merging a day's states of one busy group cost 100 ms.)"""
+
+
+class StateFunction(NamedTuple):
+    """A ClickHouse aggregate function whose states the aggregate tables keep."""
+
+    name: str
+    params: str
+
+    def sql(self, combinator: str = "") -> str:
+        """``name<combinator>(params)``: ``DISTINCT.sql("State")`` is
+        ``uniqCombinedState(14)``; without a combinator, the type's function."""
+        return f"{self.name}{combinator}({self.params})"
+
+
+DISTINCT = StateFunction("uniqCombined", "14")
+"""Distinct counts of ``entity``: exact for small sets, then HLL (about 0.5% error) in at
+most ~12 KB, so days of minutes merge fast. (``uniq`` keeps up to 256 KB per state, and
+merging a day's states of one busy group cost 100 ms.)"""
+QUANTILES = StateFunction("quantilesTDigest", ", ".join(str(q) for q in QUANTILE_LEVELS))
+"""p50, p90 and p99 of ``value`` as t-digests."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,6 @@ from core.incidents import Silence
 from serve_apps.auth import ApiKeys, AuthFailed
 
 ROUTE_PREFIX = "/v1/alerts"
-ALL_TENANTS = "*"
 SEALED_WINDOW = "1m"
 _FIELD = re.compile(r"field '([^']+)'")
 
@@ -183,12 +182,7 @@ def _state(request: Request) -> _App:
 
 async def _scope(request: Request, tenant: str | None) -> str | None:
     """The tenant the request acts for; None: every tenant (platform key, no ?tenant=)."""
-    owner = await _state(request).keys.tenant_for(request)
-    if owner == ALL_TENANTS:
-        return tenant
-    if tenant is not None and tenant != owner:
-        raise ApiError(403, f"this key belongs to tenant {owner!r}; it cannot act for {tenant!r}")
-    return owner
+    return await _state(request).keys.acting_tenant(request, tenant)
 
 
 def _one_tenant(scope: str | None) -> str:

@@ -13,6 +13,8 @@ from core.exceptions import InvalidInputError
 from serve_apps.cache import TtlCache
 
 CACHE_SECONDS = 5.0
+ALL_TENANTS = "*"
+"""The tenant of a platform key: it may act for any tenant."""
 
 
 class AuthFailed(InvalidInputError):
@@ -61,3 +63,19 @@ class ApiKeys:
         if revoked:
             raise AuthFailed(403, f"this API key of tenant {tenant!r} was revoked")
         return tenant
+
+    async def acting_tenant(self, request: Request, asked: str | None) -> str | None:
+        """The tenant a read or change acts for: the key's own, or with the platform key
+        the one it names (``asked``); None when the platform key names none.
+
+        Raises:
+            AuthFailed: as :meth:`tenant_for`, and 403 when a tenant key names another.
+        """
+        own = await self.tenant_for(request)
+        if own == ALL_TENANTS:
+            return asked
+        if asked is not None and asked != own:
+            raise AuthFailed(
+                403, f"this key belongs to tenant {own!r}; it cannot act for {asked!r}"
+            )
+        return own

@@ -52,13 +52,12 @@ from core.dead_letters import dead_letter_headers
 from core.envelope import ENVELOPE_SCHEMA, FieldError, partition_key, validate_events
 from core.exceptions import ConfigurationError
 from core.source_mapping import apply_mapping, parse_mapping
-from serve_apps.auth import ApiKeys, AuthFailed
+from serve_apps.auth import ALL_TENANTS, ApiKeys, AuthFailed
 from serve_apps.cache import TtlCache
 from serve_apps.http import BodyTooLarge, read_body
 from serve_apps.schemas import AsyncSchemas
 
 log = logging.getLogger(__name__)
-ALL_TENANTS = "*"  # a platform key may write events of any tenant
 _CACHE_SECONDS = 5.0
 
 

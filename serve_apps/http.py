@@ -1,11 +1,8 @@
-"""Shared HTTP pieces of the Serve apps: bounded body reading and error answers."""
+"""Shared HTTP pieces of the Serve apps: bounded body reading."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import Request
-from fastapi.responses import ORJSONResponse
 
 
 class BodyTooLarge(Exception):
@@ -25,18 +22,3 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge(f"body is over the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def error_response(
-    status: int,
-    message: str,
-    *,
-    errors: list[dict[str, Any]] | None = None,
-    retry_after: float | None = None,
-) -> ORJSONResponse:
-    """The one error shape of every endpoint: ``{"error": ..., "errors": [...]}``."""
-    content: dict[str, Any] = {"error": message}
-    if errors is not None:
-        content["errors"] = errors
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after else None
-    return ORJSONResponse(content, status_code=status, headers=headers)

@@ -17,7 +17,6 @@ its own rows, by every endpoint. The platform key (``'*'``) names a tenant with
 
 # No `from __future__ import annotations`: FastAPI resolves handler annotations at
 # run time, and inside Serve's ingress wrapper postponed ones are not found.
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,12 +30,14 @@ from ray.exceptions import RayError
 
 from adapters.exceptions import QueryRejected, StoreUnavailable
 from adapters.query_cache import QueryCache
-from core.envelope import FieldError, name_problem, parse_event_time
+from core.envelope import FieldError, name_problem
 from core.partition_state import combine_results
+from core.query_plan import time_param
 from serve_apps.auth import ApiKeys, AuthFailed
+from serve_apps.http import BodyTooLarge, read_body
 from serve_apps.query_service import Answer, QueryLimits, QueryService, Rows, iso
 
-ALL_TENANTS = "*"
+MAX_SQL_BODY_BYTES = 64 * 1024  # a 16 KiB statement, JSON-escaped, with room to spare
 log = logging.getLogger(__name__)
 
 app = FastAPI(
@@ -115,19 +116,6 @@ def _params(request: Request) -> dict[str, str]:
     return {k: v for k, v in request.query_params.items() if k != "tenant"}
 
 
-def _time_param(name: str, raw: str | None, default_ms: int, problems: list[FieldError]) -> int:
-    if raw is None:
-        return default_ms
-    value: Any = raw
-    with contextlib.suppress(ValueError):
-        value = float(raw)
-    try:
-        return parse_event_time(value)
-    except ValueError as exc:
-        problems.append(FieldError(None, name, str(exc)))
-        return default_ms
-
-
 @serve.deployment
 @serve.ingress(app)
 class QueryAPI:
@@ -140,26 +128,21 @@ class QueryAPI:
 
     async def _tenant(self, request: Request) -> str | Answer:
         try:
-            own = await self._keys.tenant_for(request)
+            tenant = await self._keys.acting_tenant(request, request.query_params.get("tenant"))
         except AuthFailed as exc:
             return Answer.error(exc.status, str(exc))
         except StoreUnavailable as exc:
             return Answer.error(503, str(exc), retry=5)
-        asked = request.query_params.get("tenant")
-        if own != ALL_TENANTS:
-            if asked is not None and asked != own:
-                return Answer.error(403, f"this key reads tenant {own!r} only, not {asked!r}")
-            return own
-        if asked is None:
+        if tenant is None:
             return Answer.error(
                 422, "the platform key reads one tenant at a time: add ?tenant=<name>"
             )
-        problem = name_problem("tenant", asked)
+        problem = name_problem("tenant", tenant)
         if problem is not None:
             return Answer.error(
                 422, "invalid query parameters", [FieldError(None, "tenant", problem)]
             )
-        return asked
+        return tenant
 
     @app.get("/series", summary="A metric's time series")
     async def series(
@@ -245,7 +228,9 @@ class QueryAPI:
         if isinstance(who, Answer):
             return _respond(who)
         try:
-            body = orjson.loads(await request.body())
+            body = orjson.loads(await read_body(request, MAX_SQL_BODY_BYTES))
+        except BodyTooLarge as exc:
+            return _respond(Answer.error(413, f"{exc}: send one statement of at most 16 KiB"))
         except orjson.JSONDecodeError as exc:
             return _respond(Answer.error(400, f"the body is not JSON: {exc}"))
         statement = body.get("sql") if isinstance(body, dict) else None
@@ -281,8 +266,9 @@ class QueryAPI:
                 FieldError(None, "window", f"expected one of {list(cfg.windows)}, got {kind!r}")
             )
         now_ms = int(time.time() * 1000)
-        to_ms = _time_param("to", to, now_ms + 60_000, problems)
-        from_ms = _time_param("from", from_, to_ms - 3_600_000, problems)
+        given = {k: v for k, v in (("from", from_), ("to", to)) if v is not None}
+        to_ms = time_param(given, "to", now_ms + 60_000, problems)
+        from_ms = time_param(given, "from", to_ms - 3_600_000, problems)
         if not problems and not 0 < to_ms - from_ms <= 366 * 86_400_000:
             problems.append(
                 FieldError(None, "from", "expected 'from' before 'to' and at most 366 days apart")

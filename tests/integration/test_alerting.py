@@ -243,7 +243,6 @@ def test_an_acknowledge_through_the_api_reaches_pagerduty(
     assert (row["state"], row["acked_by"]) == ("acknowledged", "alice")
 
 
-
 def test_the_api_keeps_tenants_apart(services: Settings) -> None:
     a, b = f"t-{uuid.uuid4().hex[:12]}", f"t-{uuid.uuid4().hex[:12]}"
     key_a, key_b = api_key(services, a), api_key(services, b)

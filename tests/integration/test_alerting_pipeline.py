@@ -39,7 +39,6 @@ def receivers() -> Iterator[Receivers]:
     r.close()
 
 
-
 def steady_series_with_a_spike(tenant: str, base: int) -> list[Event]:
     """Orders per minute: ~30 for 12 minutes, 300 in minute 12, ~30 again after."""
     events = []

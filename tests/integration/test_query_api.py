@@ -194,3 +194,23 @@ def test_the_openapi_schema_lists_every_endpoint(tenants: tuple[Tenant, Tenant])
     assert set(schema["paths"]) >= {
         "/series", "/summary", "/top", "/events", "/sql", "/latest/{metric_type}", "/healthz",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b"SELECT 1", 400, "not JSON"),
+        (b"[1, 2]", 422, '{"sql": "SELECT ..."}'),
+        (b'{"sql": 5}', 422, '{"sql": "SELECT ..."}'),
+        (b'{"query": "SELECT 1"}', 422, '{"sql": "SELECT ..."}'),
+        (b'{"sql": "' + b"x" * 70_000 + b'"}', 413, "16 KiB"),
+        (b'{"sql": "SELECT ' + b"1," * 9_000 + b'1"}', 400, "more than 16,384"),
+    ],
+)
+def test_a_bad_sql_body_is_refused_with_the_reason(
+    tenants: tuple[Tenant, Tenant], body: bytes, status: int, says: str
+) -> None:
+    a, _b = tenants
+    answer = a.http.post("/sql", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert says in answer.json()["error"]
