@@ -54,7 +54,7 @@ from core.exceptions import ConfigurationError
 from core.source_mapping import apply_mapping, parse_mapping
 from serve_apps.auth import ALL_TENANTS, ApiKeys, AuthFailed
 from serve_apps.cache import TtlCache
-from serve_apps.http import BodyTooLarge, read_body
+from serve_apps.http import Answer, BodyTooLarge, read_body
 from serve_apps.schemas import AsyncSchemas
 
 log = logging.getLogger(__name__)
@@ -82,19 +82,6 @@ class EdgeConfig:
     source_burst: int = 200_000
     max_consumer_lag: int = 5_000_000
     lag_check_s: float = 2.0
-
-
-@dataclass
-class Answer:
-    status: int
-    body: dict[str, Any]
-    retry_after: float | None = None
-
-    @classmethod
-    def error(
-        cls, status: int, message: str, retry_after: float | None = None, **extra: Any
-    ) -> Answer:
-        return cls(status, {"error": message, **extra}, retry_after)
 
 
 class _Reject(Exception):

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from serve_apps.edge import EdgeConfig, IngestEdge
-from serve_apps.ingest_routes import respond
+from serve_apps.http import respond
 
 app = FastAPI(
     title="Rayline ingest API",

@@ -8,23 +8,10 @@ in-process tests) needs no Ray Serve import.
 # run time.
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
 
-from serve_apps.edge import Answer, IngestEdge
-
-
-def respond(answer: Answer) -> Response:
-    headers = None
-    if answer.retry_after is not None:
-        headers = {"Retry-After": str(max(1, round(answer.retry_after)))}
-    return Response(
-        orjson.dumps(answer.body),
-        status_code=answer.status,
-        headers=headers,
-        media_type="application/json",
-    )
+from serve_apps.edge import IngestEdge
+from serve_apps.http import respond
 
 
 def add_routes(api: FastAPI, edge: Any) -> None:

@@ -34,8 +34,8 @@ from core.envelope import FieldError, name_problem
 from core.partition_state import combine_results
 from core.query_plan import time_param
 from serve_apps.auth import ApiKeys, AuthFailed
-from serve_apps.http import BodyTooLarge, read_body
-from serve_apps.query_service import Answer, QueryLimits, QueryService, Rows, iso
+from serve_apps.http import Answer, BodyTooLarge, read_body, respond
+from serve_apps.query_service import QueryLimits, QueryService, Rows, iso
 
 MAX_SQL_BODY_BYTES = 64 * 1024  # a 16 KiB statement, JSON-escaped, with room to spare
 log = logging.getLogger(__name__)
@@ -103,15 +103,6 @@ class _OwnerReader:
         return dict(status["sealed"])
 
 
-def _respond(answer: Answer) -> Response:
-    return Response(
-        orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY),
-        status_code=answer.status,
-        headers=answer.headers,
-        media_type="application/json",
-    )
-
-
 def _params(request: Request) -> dict[str, str]:
     return {k: v for k, v in request.query_params.items() if k != "tenant"}
 
@@ -132,7 +123,7 @@ class QueryAPI:
         except AuthFailed as exc:
             return Answer.error(exc.status, str(exc))
         except StoreUnavailable as exc:
-            return Answer.error(503, str(exc), retry=5)
+            return Answer.error(503, str(exc), retry_after=5)
         if tenant is None:
             return Answer.error(
                 422, "the platform key reads one tenant at a time: add ?tenant=<name>"
@@ -162,8 +153,8 @@ class QueryAPI:
         """Buckets of the range; filter with `where.<dimension>=<value>`."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
-        return _respond(await self._service.series(who, _params(request)))
+            return respond(who)
+        return respond(await self._service.series(who, _params(request)))
 
     @app.get("/summary", summary="Every metric over a range, per group")
     async def summary(
@@ -180,8 +171,8 @@ class QueryAPI:
         """Count, sum, min, max, avg, distinct count and p50/p90/p99 of the range."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
-        return _respond(await self._service.summary(who, _params(request)))
+            return respond(who)
+        return respond(await self._service.summary(who, _params(request)))
 
     @app.get("/top", summary="Top-N groups of a range")
     async def top_groups(
@@ -198,10 +189,10 @@ class QueryAPI:
         """The same as `/summary?group_by=<by>&top=<n>`."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
+            return respond(who)
         params = _params(request)
         params["group_by"], params["top"] = params.pop("by"), params.pop("n", "10")
-        return _respond(await self._service.summary(who, params))
+        return respond(await self._service.summary(who, params))
 
     @app.get("/events", summary="Raw event search, paged")
     async def events(
@@ -217,8 +208,8 @@ class QueryAPI:
         """Events oldest first; filter with `where.<attribute>=<value>`."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
-        return _respond(await self._service.events(who, _params(request)))
+            return respond(who)
+        return respond(await self._service.events(who, _params(request)))
 
     @app.post("/sql", summary="One read-only SELECT over your rows")
     async def sql(self, request: Request) -> Response:
@@ -226,15 +217,15 @@ class QueryAPI:
         data_quality_1m, window_results. Read-only, time- and row-limited."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
+            return respond(who)
         try:
             body = orjson.loads(await read_body(request, MAX_SQL_BODY_BYTES))
         except BodyTooLarge as exc:
-            return _respond(Answer.error(413, f"{exc}: send one statement of at most 16 KiB"))
+            return respond(Answer.error(413, f"{exc}: send one statement of at most 16 KiB"))
         except orjson.JSONDecodeError as exc:
-            return _respond(Answer.error(400, f"the body is not JSON: {exc}"))
+            return respond(Answer.error(400, f"the body is not JSON: {exc}"))
         statement = body.get("sql") if isinstance(body, dict) else None
-        return _respond(await self._service.sql(who, statement))
+        return respond(await self._service.sql(who, statement))
 
     @app.get("/latest/{metric_type}", summary="Newest windows, live")
     async def latest(
@@ -249,8 +240,8 @@ class QueryAPI:
         """Open windows from the workers merged with closed ones, and the watermark."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
-            return _respond(who)
-        return _respond(await self._latest(who, metric_type, from_, to, window))
+            return respond(who)
+        return respond(await self._latest(who, metric_type, from_, to, window))
 
     async def _latest(
         self, tenant: str, metric_type: str, from_: str | None, to: str | None, window: str | None
@@ -288,7 +279,7 @@ class QueryAPI:
             owner = ray.get_actor(cfg.clickhouse_actor, namespace=cfg.namespace)
             closed = await owner.window_results.remote(*args)
         except (RayError, ValueError) as exc:
-            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry=5)
+            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
         rows = combine_results(closed, live)
         return Answer(
             200,
@@ -322,4 +313,4 @@ class QueryAPI:
             "cache": cache_state,
             "sealed_until": None if sealed is None else iso(sealed.minute),
         }
-        return _respond(Answer(200 if clickhouse == "ok" else 503, body))
+        return respond(Answer(200 if clickhouse == "ok" else 503, body))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -27,6 +27,7 @@ from core.query_sql import (
     summary_statement,
 )
 from core.sql_guard import ast_problem, guarded_settings, text_problem
+from serve_apps.http import Answer
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
 
@@ -49,23 +50,6 @@ class QueryLimits:
     sql_max_seconds: float = 10.0
     sql_max_rows: int = 10_000
     sql_max_rows_to_read: int = 500_000_000
-
-
-@dataclass(slots=True)
-class Answer:
-    status: int
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def error(
-        cls, status: int, message: str, errors: Sequence[FieldError] = (), retry: float = 0
-    ) -> Answer:
-        body: dict[str, Any] = {"error": message}
-        if errors:
-            body["errors"] = [{"field": e.field, "message": e.message} for e in errors]
-        headers = {"Retry-After": str(max(1, round(retry)))} if retry else {}
-        return cls(status, body, headers)
 
 
 def iso(ms: int) -> str:
@@ -156,7 +140,7 @@ class QueryService:
         except QueryRejected as exc:
             return Answer.error(400, f"ClickHouse refused the query: {exc}")
         except StoreUnavailable as exc:
-            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry=5)
+            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
 
     async def _cached(
         self,

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
@@ -83,12 +82,6 @@ def test_a_tenant_reads_its_own_events_exactly(tenants: tuple[Tenant, Tenant]) -
     assert dict(points) == dict(per_minute)
 
 
-def _tenants_in(body: Any) -> set[str]:
-    """Every tenant name an answer mentions anywhere."""
-    text = repr(body)
-    return {word for word in text.replace("'", " ").replace('"', " ").split() if "-" in word}
-
-
 def test_tenant_a_never_reads_b_by_any_endpoint(tenants: tuple[Tenant, Tenant]) -> None:
     a, b = tenants
     b_ids = {e.event_id for e in b.events}
@@ -99,7 +92,7 @@ def test_tenant_a_never_reads_b_by_any_endpoint(tenants: tuple[Tenant, Tenant]) 
         assert not b_ids & set(answer.text.split('"')), path
         asked = a.http.request(method, path, params={**params, "tenant": b.name})
         assert asked.status_code == 403, (path, asked.text)
-        assert b.name not in _tenants_in({k: v for k, v in asked.json().items() if k != "error"})
+        assert set(asked.json()) == {"error"}, "a refusal carries no data"
     for sql in (
         "SELECT tenant, count() FROM events GROUP BY tenant",
         f"SELECT count() FROM events WHERE tenant = '{b.name}'",

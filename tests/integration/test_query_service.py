@@ -16,7 +16,8 @@ import pytest
 
 from adapters.clickhouse import ClickHouseStore
 from adapters.query_cache import QueryCache
-from serve_apps.query_service import Answer, QueryLimits, QueryService, Rows
+from serve_apps.http import Answer
+from serve_apps.query_service import QueryLimits, QueryService, Rows
 from tests.integration.query_data import MINUTE_MS, Event, events_table, make_events
 
 HOUR_MS = 3_600_000
