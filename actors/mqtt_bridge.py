@@ -127,8 +127,10 @@ def route(
             ]
             return (partition_key(envelope), orjson.dumps(envelope), headers), None
         reason = f"device {device!r}: {problem}"
-    origin: dict[str, str | int] = {"source": SOURCE, "device": device or message.topic}
-    dead: Headers = [(k, v) for k, v in dead_letter_headers("mqtt", reason, received, **origin)]
+    origin = dead_letter_headers(
+        "mqtt", reason, received, source=SOURCE, device=device or message.topic
+    )
+    dead: Headers = [(k, v) for k, v in origin]
     return None, (device.encode() if device else None, message.payload, dead)
 
 

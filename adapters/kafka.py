@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 from adapters.exceptions import Backpressure, StoreUnavailable
 
@@ -45,7 +51,7 @@ def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout: float = 
     """Create the topics that do not exist yet; return the names created.
 
     A topic that exists with fewer partitions than asked for is grown (Kafka cannot
-    shrink one).
+    shrink one); the configs asked for are set on topics that exist already.
     """
     client = admin(bootstrap)
     try:
@@ -69,12 +75,28 @@ def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout: float = 
         futures.update(
             client.create_partitions([NewPartitions(t.name, t.partitions) for t in grow])
         )
+    configured = [
+        ConfigResource(
+            ConfigResource.Type.TOPIC,
+            t.name,
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                for k, v in t.config.items()
+            ],
+        )
+        for t in topics
+        if t.name in existing and t.config
+    ]
+    if configured:
+        futures.update(
+            {str(r): f for r, f in client.incremental_alter_configs(configured).items()}
+        )
     for name, future in futures.items():
         try:
             future.result(timeout)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise StoreUnavailable(f"Kafka could not create topic {name!r}: {exc}") from exc
+                raise StoreUnavailable(f"Kafka could not set up topic {name!r}: {exc}") from exc
     return [t.topic for t in missing]
 
 
@@ -87,6 +109,27 @@ def partition_ids(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int
     if info is None or info.error is not None:
         raise StoreUnavailable(f"topic {topic!r} does not exist on {bootstrap}; run `rayline up`")
     return sorted(info.partitions)
+
+
+def topic_id(bootstrap: str, topic: str, timeout: float = 10.0) -> str | None:
+    """The id Kafka gave ``topic`` when it was created (base64), or None when the broker
+    does not answer or does not know topic ids.
+
+    A topic deleted and created again under the same name gets a new id: offsets saved
+    against the old id mean nothing in the new topic.
+    """
+    from confluent_kafka import TopicCollection
+
+    client = admin(bootstrap)  # kept alive until the answer came
+    try:
+        futures = client.describe_topics(TopicCollection([topic]), request_timeout=timeout)
+        description = futures[topic].result(timeout)
+    except (KafkaException, TimeoutError, KeyError):
+        return None
+    found = getattr(description, "topic_id", None)
+    text = None if found is None else str(found)
+    # The all-zero id is Kafka's "none" (brokers before topic ids).
+    return None if not text or text == "AAAAAAAAAAAAAAAAAAAAAA" else text
 
 
 def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:

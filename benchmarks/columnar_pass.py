@@ -57,7 +57,7 @@ def main() -> None:
             batch = {
                 p: v[i * len(v) // BATCHES : (i + 1) * len(v) // BATCHES] for p, v in data.items()
             }
-            process_batch(states, batch, int(time.time() * 1000), runtime)
+            process_batch(states, batch, runtime)
         print(f"{name:24}{EVENTS / (time.perf_counter() - began):>10,.0f} events/s", flush=True)
 
 

@@ -177,10 +177,9 @@ class BenchPipeline:
         for m in self.consumer.consume(self.batch, timeout):
             partition, offset = m.partition(), m.offset()
             if m.error() is None and partition is not None and offset is not None:
-                records[partition].append(RecordRef(offset, m.key(), m.value()))
                 stamps.append(m.timestamp()[1])
-        wall_ms = int(time.time() * 1000)
-        outcomes, counted = process_batch(self.states, records, wall_ms, self.runtime)
+                records[partition].append(RecordRef(offset, m.key(), m.value(), stamps[-1]))
+        outcomes, counted = process_batch(self.states, records, self.runtime)
         for o in outcomes.values():
             self.counts["processed"] += o.processed
             self.counts["duplicates"] += o.duplicates
@@ -202,9 +201,9 @@ class BenchPipeline:
 
     def finish(self) -> None:
         """Close everything still open, as the watermark eventually does."""
-        final = [
-            r for s in self.states.values() for r in s.tick(int(time.time() * 1000) + 10**9)[0]
-        ]
+        for s in self.states.values():
+            s.watermark.progress = int(time.time() * 1000) + 10**9
+        final = [r for s in self.states.values() for r in s.tick()[0]]
         self.rows += self.store.insert_window_results(final)
 
     def close(self) -> None:

@@ -50,12 +50,11 @@ def main() -> None:
             for m in messages:
                 partition, offset = m.partition(), m.offset()
                 if m.error() is None and partition is not None and offset is not None:
-                    records[partition].append(RecordRef(offset, m.key(), m.value()))
+                    stamp = m.timestamp()[1]
+                    records[partition].append(RecordRef(offset, m.key(), m.value(), stamp))
             seen += len(messages)
             lap("record refs")
-            outcomes, counted = process_batch(
-                pipe.states, records, int(time.time() * 1000), pipe.runtime
-            )
+            outcomes, counted = process_batch(pipe.states, records, pipe.runtime)
             lap("columnar pass")
             offsets = counted_offsets(counted, records)
             boxes = {

@@ -44,6 +44,13 @@ class DemoRun:
     """Seconds the source sent for, once it is done."""
     first_ts_ms: int = 0
     last_error: str | None = None
+    ages: list[float] = field(default_factory=list)
+    """Per accepted request, seconds from its events' time stamp to Kafka's ack: the
+    delay the ingest path adds, which the allowed lateness must cover."""
+
+    def age_quantile(self, q: float) -> float:
+        ordered = sorted(self.ages)
+        return ordered[min(int(q * len(ordered)), len(ordered) - 1)] if ordered else 0.0
 
 
 def make_batch(rng: random.Random, run: DemoRun, size: int, seq: int) -> list[dict[str, Any]]:
@@ -79,6 +86,7 @@ async def _post(
     client: httpx.AsyncClient, url: str, batch: list[dict[str, Any]], run: DemoRun
 ) -> None:
     """Post until accepted: 503 and 429 carry Retry-After; nothing is given up."""
+    stamped = time.time()
     for _attempt in range(30):
         try:
             response = await client.post(url, json=batch)
@@ -89,6 +97,7 @@ async def _post(
             continue
         if response.status_code == 202:
             _count(run, batch)
+            run.ages.append(time.time() - stamped)
             return
         run.last_error = f"HTTP {response.status_code}: {response.text[:200]}"
         if response.status_code in (429, 503):

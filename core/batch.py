@@ -8,16 +8,17 @@ with the partition as a column, and runs each stage over the whole table:
 1. decode JSON (one Arrow parse) or, when any record is not a clean envelope, record
    by record (JSON or Avro in the Confluent wire format), rejecting the bad ones with
    their reason;
-2. check records against the schema registered for their (source, type);
+2. check records against the schema registered for their (source, type), and refuse
+   those stamped too far ahead of their arrival in Kafka (``future``);
 3. apply the transforms declared in the settings (rename, cast, derive, filter);
 4. enrich from the dimension tables (a vectorised lookup);
 5. per partition, drop duplicates (the partition's dedup filter) and set aside late
-   records (the partition's watermark before this batch);
+   records (their tenant's watermark in the partition before this batch);
 6. aggregate per (partition, group, window start) and fold the partials into each
    partition's open windows; session windows fold record by record;
 7. feed the records the CEP rules look at to each partition's CEP engine.
 
-Then each partition's watermark advances, windows close, and CEP rules that wait on
+Then each tenant's watermark advances, windows close, and CEP rules that wait on
 the watermark fire. Everything a partition decides lands in its own
 :class:`~core.partition_state.BatchOutcome`.
 """
@@ -44,6 +45,7 @@ from core.columnar import (
     table_from_events,
     window_partials,
 )
+from core.dead_letters import FUTURE
 from core.event_time import Hopping, Session, Tumbling
 from core.sketches import hash64
 from core.transforms import apply_transforms, enrich
@@ -79,7 +81,6 @@ _ENVELOPE_COLUMNS = ["event_id", "source", "tenant", "type", "ts", "value", "ent
 def process_batch(
     states: Mapping[int, PartitionState],
     records: Mapping[int, Sequence[RecordRef]],
-    wall_ms: int,
     runtime: Runtime,
 ) -> tuple[dict[int, BatchOutcome], pa.Table | None]:
     """Fold each partition's records (in offset order) into its state; see the module.
@@ -104,7 +105,8 @@ def process_batch(
         config = next(iter(states.values())).config
         table = _decode(refs, parts, config.layout, runtime, outcomes)
         table = _check_schemas(table, refs, runtime, outcomes)
-        _observe(states, table, wall_ms)
+        table = _check_future(table, refs, config.max_future_ms, outcomes)
+        _observe(states, table)
         on_time = _fold(states, table, refs, runtime, outcomes)
         counted = table.select([*_ENVELOPE_COLUMNS, "_row", "_partition"])
         counted = counted.filter(pc.is_in(counted["_row"], on_time["_row"]))
@@ -112,7 +114,7 @@ def process_batch(
         if batch:
             states[partition].next_offset = batch[-1].offset + 1
     for partition, state in states.items():
-        closed, alerts = state.tick(wall_ms)
+        closed, alerts = state.tick()
         outcomes[partition].closed = closed
         outcomes[partition].alerts.extend(alerts)
     return outcomes, counted
@@ -140,8 +142,13 @@ def _decode(
         table = table_from_events(rows, layout)
         row_index = np.asarray(kept, dtype=np.int64)
     partition = np.asarray(parts, dtype=np.int64)[row_index]
+    known = (-1 if r.arrival is None else r.arrival for r in refs)
+    arrival = np.fromiter(known, np.int64, len(refs))[row_index]
+    ts = table["ts"].to_numpy()
     table = table.append_column("_row", pa.array(row_index))
-    return table.append_column("_partition", pa.array(partition))
+    table = table.append_column("_partition", pa.array(partition))
+    # where Kafka's append time is unknown, the event time stands in for it
+    return table.append_column("_arrival", pa.array(np.where(arrival < 0, ts, arrival)))
 
 
 def _check_schemas(
@@ -177,15 +184,48 @@ def _check_schemas(
     return table.filter(pa.array(keep))
 
 
-def _observe(states: Mapping[int, PartitionState], table: pa.Table, wall_ms: int) -> None:
-    """Remember each partition's watermark before the batch, then let it see the batch."""
+def _check_future(
+    table: pa.Table,
+    refs: Sequence[RecordRef],
+    max_future_ms: int,
+    outcomes: dict[int, BatchOutcome],
+) -> pa.Table:
+    """Refuse records stamped more than ``max_future_ms`` ahead of their arrival: their
+    clock is wrong, and they must not hold windows open or move a watermark."""
+    if not table.num_rows:
+        return table
+    ahead = table["ts"].to_numpy() - table["_arrival"].to_numpy() > max_future_ms
+    if not ahead.any():
+        return table
+    rows, parts = table["_row"].to_numpy(), table["_partition"].to_numpy()
+    for i in np.flatnonzero(ahead).tolist():
+        outcomes[int(parts[i])].rejected.append((refs[int(rows[i])], FUTURE))
+    return table.filter(pa.array(~ahead))
+
+
+def _observe(states: Mapping[int, PartitionState], table: pa.Table) -> None:
+    """Remember each tenant's watermark before the batch, then let the marks see it."""
     for state in states.values():
-        state.mark_before = state.watermark.current(wall_ms)
+        state.mark_before = {}
     if not table.num_rows:
         return
-    maxima = table.group_by("_partition").aggregate([("ts", "max")])
-    for p, ts in zip(maxima["_partition"].to_pylist(), maxima["ts_max"].to_pylist(), strict=True):
-        states[p].watermark.observe(int(ts), wall_ms)
+    capped = pc.min_element_wise(table["ts"], table["_arrival"])
+    seen = (
+        pa.table(
+            {"p": table["_partition"], "t": table["tenant"], "c": capped, "a": table["_arrival"]}
+        )
+        .group_by(["p", "t"])
+        .aggregate([("c", "max"), ("a", "max")])
+    )
+    by_partition: dict[int, dict[str, tuple[int, int]]] = {}
+    for p, tenant, ts, arrival in zip(
+        *(seen[name].to_pylist() for name in ("p", "t", "c_max", "a_max")), strict=True
+    ):
+        by_partition.setdefault(p, {})[tenant] = (ts, arrival)
+    for p, tenants in by_partition.items():
+        marks = states[p].watermark
+        states[p].mark_before = {tenant: marks.of(tenant) for tenant in tenants}
+        marks.observe(tenants)
 
 
 def _fold(
@@ -234,6 +274,9 @@ def _split(
     keys = pc.binary_join_element_wise(
         table["tenant"], pc.fill_null(table["source"], ""), table["event_id"], "\x1f"
     ).to_pylist()
+    tenants = pc.dictionary_encode(table["tenant"]).combine_chunks()
+    tenant_of = tenants.indices.to_numpy(zero_copy_only=False)
+    names = tenants.dictionary.to_pylist()
     fresh = np.zeros(len(part), dtype=bool)
     marks = np.full(len(part), NO_WATERMARK, dtype=np.int64)
     for p in np.unique(part).tolist():
@@ -243,8 +286,11 @@ def _split(
         mask = state.dedup.split_keys([keys[i] for i in idx.tolist()], ts[idx].tolist(), offsets)
         fresh[idx] = mask
         outcomes[p].duplicates += len(idx) - sum(mask)
-        if state.mark_before is not None:
-            marks[idx] = state.mark_before
+        before = state.mark_before
+        lookup = np.array(
+            [NO_WATERMARK if before.get(n) is None else before[n] for n in names], np.int64
+        )
+        marks[idx] = lookup[tenant_of[idx]]
     late = np.zeros(len(part), dtype=bool)
     for op in next(iter(states.values())).operators.values():
         if isinstance(op.spec, Session):
@@ -311,8 +357,8 @@ def _fold_sessions(
         row["_group"] = tuple(_text(column[i]) for column in keys[1:])
         by_partition.setdefault(int(keys[0][i]), []).append(row)
     for partition, events in by_partition.items():
-        mark = states[partition].mark_before
-        states[partition].operators[name].add(events, lambda e: e["_group"], mark)
+        # late records are gone already (judged in _split by their tenant's watermark)
+        states[partition].operators[name].add(events, lambda e: e["_group"], None)
 
 
 def _feed_rules(states: Mapping[int, PartitionState], table: pa.Table) -> None:

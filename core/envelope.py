@@ -26,8 +26,10 @@ import functools
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
+
+from core.dead_letters import FUTURE
 
 ENVELOPE_SCHEMA = "rayline.envelope/v1"
 
@@ -52,6 +54,8 @@ class FieldError:
     index: int | None
     field: str
     message: str
+    reason: str | None = None
+    """A short code for the dead letter (``future``), where the problem has one."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "field": self.field, "message": self.message}
@@ -138,8 +142,31 @@ def parse_event_time(value: Any) -> int:
     return ts_ms
 
 
+def future_problem(ts_ms: int, received_at_ms: int, max_future_ms: int) -> str | None:
+    """Why an event time is too far ahead of its arrival, or None when it is not."""
+    ahead = ts_ms - received_at_ms
+    if ahead <= max_future_ms:
+        return None
+    return (
+        f"is {ahead / 1000:,.3f} s ahead of the time it arrived "
+        f"({_iso(received_at_ms)}); at most {max_future_ms / 1000:,.0f} s is allowed "
+        f"(pipeline.max_future_skew_seconds): check the sender's clock and the unit "
+        f"(epoch seconds, not milliseconds)"
+    )
+
+
+def _iso(ms: int) -> str:
+    moment = datetime.fromtimestamp(ms / 1000, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _validate_one(
-    raw: Any, index: int, default_source: str, received_at_ms: int, errors: list[FieldError]
+    raw: Any,
+    index: int,
+    default_source: str,
+    received_at_ms: int,
+    errors: list[FieldError],
+    max_future_ms: int | None = None,
 ) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         errors.append(FieldError(index, "", f"expected a JSON object, got {_type_name(raw)}"))
@@ -173,6 +200,12 @@ def _validate_one(
             ts_ms = parse_event_time(raw["ts"])
         except ValueError as exc:
             errors.append(FieldError(index, "ts", str(exc)))
+        else:
+            ahead = None
+            if max_future_ms is not None:
+                ahead = future_problem(ts_ms, received_at_ms, max_future_ms)
+            if ahead is not None:
+                errors.append(FieldError(index, "ts", ahead, FUTURE))
     entity = raw.get("entity", event_id)
     if "entity" in raw and (not isinstance(entity, str) or not 0 < len(entity) <= _MAX_ENTITY_LEN):
         errors.append(
@@ -208,7 +241,7 @@ def _validate_one(
 
 
 def validate_events(
-    items: Any, *, default_source: str, received_at_ms: int
+    items: Any, *, default_source: str, received_at_ms: int, max_future_ms: int | None = None
 ) -> tuple[list[dict[str, Any]], list[FieldError]]:
     """Validate a decoded JSON batch.
 
@@ -216,6 +249,8 @@ def validate_events(
         items: the decoded request body; must be a list of objects.
         default_source: ``source`` for events that name none.
         received_at_ms: when the batch arrived (epoch ms), from the caller's clock.
+        max_future_ms: refuse (reason ``future``) events stamped further ahead of
+            ``received_at_ms``; None: no bound here (history, replays).
 
     Returns:
         The normalised envelopes and every error found. A caller that wants
@@ -228,7 +263,7 @@ def validate_events(
     envelopes: list[dict[str, Any]] = []
     errors: list[FieldError] = []
     for index, raw in enumerate(items):
-        envelope = _validate_one(raw, index, default_source, received_at_ms, errors)
+        envelope = _validate_one(raw, index, default_source, received_at_ms, errors, max_future_ms)
         if envelope is not None:
             envelopes.append(envelope)
     return envelopes, errors

@@ -6,14 +6,19 @@ back the windows whose end the watermark has passed and forgets them, so memory
 follows the open windows only. An event whose every window has closed already is
 *late*: ``add`` returns it to the caller (which dead-letters it), never drops it.
 
-A :class:`PartitionWatermark` is ``max event time - allowed lateness``; when a
-partition has been idle for ``idle_timeout_ms`` of wall-clock time, it advances with
-the clock instead, so that windows close without new data. The clock is passed in.
+A :class:`PartitionWatermark` keeps one watermark per tenant of a partition: the
+tenant's newest event time (capped at the time Kafka appended that event) less the
+allowed lateness. It moves on data only: on the broker's time of the records read,
+and, for a partition with nothing more to read, on the broker saying so for the idle
+timeout. A worker's pause, a restart or a backlog moves nothing, and one tenant's
+event times never make another tenant's events late. Windows close per tenant.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
+import functools
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,32 +145,159 @@ class ClosedWindow:
     agg: Agg
 
 
+@dataclass(frozen=True, slots=True)
+class Lateness:
+    """The allowed lateness of each tenant: a default, and overrides by tenant name
+    pattern (``fnmatch``: ``acme``, ``iot-*``), the first match winning."""
+
+    default_ms: int
+    overrides: tuple[tuple[str, int], ...] = ()
+
+    def of(self, tenant: str) -> int:
+        return _lateness_of(self, tenant)
+
+    @property
+    def most_ms(self) -> int:
+        """The largest lateness any tenant may have."""
+        return max([self.default_ms, *(ms for _pattern, ms in self.overrides)])
+
+
+@functools.lru_cache(maxsize=65_536)
+def _lateness_of(lateness: Lateness, tenant: str) -> int:
+    for pattern, ms in lateness.overrides:
+        if fnmatch.fnmatchcase(tenant, pattern):
+            return ms
+    return lateness.default_ms
+
+
 @dataclass
 class PartitionWatermark:
-    allowed_lateness_ms: int
+    """The watermarks of one partition: one per tenant, moved by data only.
+
+    Time here is the broker's: each record carries the time Kafka appended it
+    (``arrival``). The partition's *progress* is the newest arrival read, so it stands
+    still while the worker pauses, restarts or catches up on a backlog, whatever the
+    wall clock does. Each tenant's watermark is its newest event time, capped at that
+    event's arrival (an event stamped ahead of its arrival moves nothing past it), less
+    the tenant's allowed lateness: one tenant's clock never makes another tenant late.
+
+    A tenant with no record for ``idle_timeout_ms`` of progress (or never seen) is
+    *idle*: its watermark is its *base*, progress less its allowed lateness. A
+    partition makes progress without records only when the broker has said, for
+    ``idle_timeout_ms`` of wall-clock time, that there is nothing more to read
+    (:meth:`at_end`); then progress takes the wall clock of that answer.
+
+    Memory: one entry per tenant seen within the idle timeout, at most
+    ``max_tenants`` (the longest-quiet ones are let go first; a tenant let go has its
+    base watermark, which is never below its own). Every watermark only goes up.
+    """
+
+    lateness: Lateness
     idle_timeout_ms: int
-    max_ts: int | None = None
-    last_event_wall_ms: int | None = None
-    # The highest watermark handed out: it never goes back, even when events arrive
-    # after an idle spell moved it ahead on the wall clock.
-    floor: int | None = None
+    max_tenants: int = 10_000
+    progress: int | None = None
+    # tenant -> (its watermark, progress when its newest record was read)
+    tenants: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # progress when windows were last closed (see since)
+    closed_at: int | None = None
+    # wall clock since which the broker keeps saying the partition has nothing more
+    # (not snapshotted: after a restart the broker must say so again)
+    at_end_since: int | None = None
 
-    def observe(self, max_ts: int, wall_ms: int) -> None:
-        if self.max_ts is None or max_ts > self.max_ts:
-            self.max_ts = max_ts
-        self.last_event_wall_ms = wall_ms
-
-    def current(self, wall_ms: int) -> int | None:
-        """The watermark now, or None before the first event."""
-        if self.max_ts is None or self.last_event_wall_ms is None:
+    def base(self, tenant: str) -> int | None:
+        """The watermark of ``tenant`` when idle or unknown; None before any progress."""
+        if self.progress is None:
             return None
-        mark = self.max_ts - self.allowed_lateness_ms
-        if wall_ms - self.last_event_wall_ms >= self.idle_timeout_ms:
-            mark = max(mark, wall_ms - self.allowed_lateness_ms)
-        if self.floor is not None and mark < self.floor:
-            return self.floor
-        self.floor = mark
-        return mark
+        return self.progress - self.lateness.of(tenant)
+
+    def of(self, tenant: str) -> int | None:
+        """The watermark of ``tenant`` now."""
+        entry = self.tenants.get(tenant)
+        base = self.base(tenant)
+        if entry is None or base is None:
+            return base
+        mark, seen = entry
+        assert self.progress is not None
+        return max(mark, base) if self.progress - seen >= self.idle_timeout_ms else mark
+
+    def low(self) -> int | None:
+        """The lowest watermark any tenant has or may get: below it nothing counts."""
+        if self.progress is None:
+            return None
+        lowest = self.progress - self.lateness.most_ms
+        return min([lowest, *(m for t in self.tenants if (m := self.of(t)) is not None)])
+
+    def since(self, tenant: str) -> int | None:
+        """The watermark ``tenant`` had when windows were last closed, for a tenant that
+        was idle or unknown then (an active one is remembered by the window operator)."""
+        if self.closed_at is None:
+            return None
+        return self.closed_at - self.lateness.of(tenant)
+
+    def closed(self) -> None:
+        """Windows were closed at every tenant's watermark now."""
+        self.closed_at = self.progress
+
+    def observe(self, seen: Mapping[str, tuple[int, int]]) -> None:
+        """Follow one batch: per tenant, (newest event time capped at its arrival,
+        newest arrival)."""
+        if not seen:
+            return
+        before = {tenant: self.of(tenant) for tenant in seen}
+        newest = max(arrival for _ts, arrival in seen.values())
+        self.progress = newest if self.progress is None else max(self.progress, newest)
+        for tenant, (ts, arrival) in seen.items():
+            mark = ts - self.lateness.of(tenant)
+            old = before[tenant]
+            entry = self.tenants.get(tenant)
+            last = arrival if entry is None else max(entry[1], arrival)
+            self.tenants[tenant] = (mark if old is None else max(old, mark), last)
+        self.at_end_since = None
+        if len(self.tenants) > self.max_tenants:
+            quiet = sorted(self.tenants, key=lambda t: self.tenants[t][1])
+            for tenant in quiet[: len(self.tenants) - self.max_tenants]:
+                del self.tenants[tenant]
+
+    def at_end(self, wall_ms: int) -> None:
+        """The broker said, at ``wall_ms``, that the partition has nothing more to read."""
+        if self.at_end_since is None:
+            self.at_end_since = wall_ms
+        elif wall_ms - self.at_end_since >= self.idle_timeout_ms:
+            self.progress = wall_ms if self.progress is None else max(self.progress, wall_ms)
+
+    def not_at_end(self) -> None:
+        """The broker has records the worker has not read: the partition is not idle."""
+        self.at_end_since = None
+
+    def forget_idle(self) -> None:
+        """Let go of tenants idle for the timeout: their watermark is the base anyway."""
+        if self.progress is None:
+            return
+        horizon = self.progress - self.idle_timeout_ms
+        for tenant in [t for t, (_m, seen) in self.tenants.items() if seen <= horizon]:
+            del self.tenants[tenant]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "progress": self.progress,
+            "closed_at": self.closed_at,
+            "tenants": {t: list(v) for t, v in self.tenants.items()},
+        }
+
+    def restore(self, data: Any) -> None:
+        """Take a snapshot; a list is the format before per-tenant watermarks
+        ``[max event time, wall clock, floor]``: its floor becomes the base."""
+        if isinstance(data, Mapping):
+            self.progress = data["progress"]
+            self.closed_at = data.get("closed_at", self.progress)
+            self.tenants = {t: (int(m), int(s)) for t, (m, s) in data["tenants"].items()}
+            return
+        max_ts, _wall, *floor = data
+        mark = floor[0] if floor and floor[0] is not None else None
+        if mark is None and max_ts is not None:
+            mark = max_ts - self.lateness.default_ms
+        self.progress = None if mark is None else mark + self.lateness.default_ms
+        self.closed_at = self.progress
 
 
 @dataclass(slots=True)
@@ -183,6 +315,8 @@ class WindowOperator:
     a pane is the window): an event folds into one pane, and a window is the merge of
     the panes it spans, made when it closes (or is read live). A hopping window of
     five hops thus costs one update per event instead of five.
+
+    Windows close per tenant (the first part of a group), each at its own watermark.
     """
 
     spec: WindowSpec
@@ -190,8 +324,11 @@ class WindowOperator:
     _fixed: dict[tuple[Group, int], Agg] = field(default_factory=dict, init=False)
     # group -> its open sessions, sorted by start, each at least one gap from the next
     _sessions: dict[Group, list[_OpenSession]] = field(default_factory=dict, init=False)
-    # Windows ending at or before this watermark have been handed out by close_until.
-    _closed_through: int | None = field(default=None, init=False)
+    # Windows ending at or before these have been handed out by close_until: per
+    # tenant still active at the last close; for every other tenant, what the
+    # caller's ``since`` says (or the last uniform watermark, when closing with one).
+    _closed_through: dict[str, int] = field(default_factory=dict, init=False)
+    _uniform: int | None = field(default=None, init=False)
 
     @property
     def step_ms(self) -> int:
@@ -261,38 +398,114 @@ class WindowOperator:
         keep.sort(key=lambda s: s.start)
         self._sessions[group] = keep
 
-    def close_until(self, watermark: int) -> list[ClosedWindow]:
-        """Hand back, and forget, every window whose end is at or before ``watermark``."""
-        closed: list[ClosedWindow] = []
+    def close_until(
+        self,
+        watermark: int | Callable[[str], int | None],
+        since: Callable[[str], int | None] | None = None,
+        active: Iterable[str] = (),
+    ) -> list[ClosedWindow]:
+        """Hand back, and forget, every window whose end is at or before its tenant's
+        watermark.
+
+        One operator is closed either always with one watermark or always by tenant.
+
+        Args:
+            watermark: one watermark for every tenant, or a tenant's by tenant.
+            since: the watermark a tenant not ``active`` had at the last close.
+            active: the tenants whose watermark may lag behind what ``since`` will say
+                of them once this close is done; the operator remembers theirs.
+        """
+        if isinstance(watermark, int):
+            fixed, before = watermark, self._uniform
+            self._uniform = fixed if before is None else max(before, fixed)
+            return self._close(lambda _tenant: fixed, lambda _tenant: before, ())
+        return self._close(watermark, since or (lambda _tenant: self._uniform), active)
+
+    def _close(
+        self,
+        mark_of: Callable[[str], int | None],
+        since_of: Callable[[str], int | None],
+        active: Iterable[str],
+    ) -> list[ClosedWindow]:
+        marks: dict[str, int | None] = {}
+
+        def mark(tenant: str) -> int | None:
+            if tenant not in marks:
+                marks[tenant] = mark_of(tenant)
+            return marks[tenant]
+
         if isinstance(self.spec, Session):
-            gap = self.spec.gap_ms
-            for group in list(self._sessions):
-                sessions = self._sessions[group]
-                done = [s for s in sessions if s.last + gap <= watermark]
-                closed += [ClosedWindow(group, s.start, s.last + gap, s.agg) for s in done]
-                rest = [s for s in sessions if s.last + gap > watermark]
-                if rest:
-                    self._sessions[group] = rest
-                else:
-                    del self._sessions[group]
+            closed = self._close_sessions(mark, self.spec.gap_ms)
         else:
-            since = self._closed_through
-            closed = self._windows(lambda end: end <= watermark and (since is None or end > since))
-            length = self.spec.length_ms
-            for key in [k for k in self._fixed if k[1] + length <= watermark]:
-                del self._fixed[key]  # no open window holds this pane any more
-            self._closed_through = watermark if since is None else max(since, watermark)
+            closed = self._close_fixed(mark, since_of, active)
         closed.sort(key=lambda w: (w.start, repr(w.group)))
         return closed
 
-    def _windows(self, wanted: Callable[[int], bool], sketches: bool = True) -> list[ClosedWindow]:
-        """The windows whose end is ``wanted``, each the merge of its panes."""
+    def _close_sessions(self, mark: Callable[[str], int | None], gap: int) -> list[ClosedWindow]:
+        closed: list[ClosedWindow] = []
+        for group in list(self._sessions):
+            at = mark(_tenant(group))
+            if at is None:
+                continue
+            sessions = self._sessions[group]
+            closed += [
+                ClosedWindow(group, s.start, s.last + gap, s.agg)
+                for s in sessions
+                if s.last + gap <= at
+            ]
+            rest = [s for s in sessions if s.last + gap > at]
+            if rest:
+                self._sessions[group] = rest
+            else:
+                del self._sessions[group]
+        return closed
+
+    def _close_fixed(
+        self,
+        mark: Callable[[str], int | None],
+        since_of: Callable[[str], int | None],
+        active: Iterable[str],
+    ) -> list[ClosedWindow]:
+        def wanted(group: Group, end: int) -> bool:
+            at, since = mark(_tenant(group)), self._since(group, since_of)
+            return at is not None and end <= at and (since is None or end > since)
+
+        closed = self._windows(wanted)
+        length = self.spec.length_ms  # type: ignore[union-attr]
+        for key in list(self._fixed):
+            at = mark(_tenant(key[0]))
+            if at is not None and key[1] + length <= at:
+                del self._fixed[key]  # no open window holds this pane any more
+        # A tenant still active keeps its own closing point: it may lag behind what
+        # `since` will say of it, and the windows of its next events that end after
+        # its own point must still count. Of every other tenant, `since` says it.
+        through = {}
+        for tenant in active:
+            at, since = mark(tenant), self._since((tenant,), since_of)
+            if at is not None:
+                through[tenant] = at if since is None else max(since, at)
+        self._closed_through = through
+        return closed
+
+    def _since(
+        self, group: Group, since_of: Callable[[str], int | None] | None = None
+    ) -> int | None:
+        """The watermark up to which the windows of ``group``'s tenant were handed out."""
+        tenant = _tenant(group)
+        if tenant in self._closed_through:
+            return self._closed_through[tenant]
+        return self._uniform if since_of is None else since_of(tenant)
+
+    def _windows(
+        self, wanted: Callable[[Group, int], bool], sketches: bool = True
+    ) -> list[ClosedWindow]:
+        """The windows whose (group, end) is ``wanted``, each the merge of its panes."""
         assert not isinstance(self.spec, Session)
         step, length = self.step_ms, self.spec.length_ms
         parts: dict[tuple[Group, int], list[tuple[int, Agg]]] = {}
         for (group, pane), agg in self._fixed.items():
             for start in range(pane - length + step, pane + 1, step):
-                if wanted(start + length):
+                if wanted(group, start + length):
                     parts.setdefault((group, start), []).append((pane, agg))
         windows = []
         for (group, start), panes in parts.items():
@@ -305,9 +518,12 @@ class WindowOperator:
             windows.append(ClosedWindow(group, start, start + length, agg))
         return windows
 
-    def open_windows(self, sketches: bool = True) -> list[ClosedWindow]:
+    def open_windows(
+        self, sketches: bool = True, since: Callable[[str], int | None] | None = None
+    ) -> list[ClosedWindow]:
         """The windows still open, with their partial aggregates (for live views);
-        without ``sketches``, hopping windows skip merging their sketches (cheaper)."""
+        without ``sketches``, hopping windows skip merging their sketches (cheaper);
+        ``since`` as for :meth:`close_until`."""
         if isinstance(self.spec, Session):
             gap = self.spec.gap_ms
             return [
@@ -315,8 +531,12 @@ class WindowOperator:
                 for g, sessions in self._sessions.items()
                 for s in sessions
             ]
-        since = self._closed_through
-        return self._windows(lambda end: since is None or end > since, sketches)
+
+        def still_open(group: Group, end: int) -> bool:
+            closed = self._since(group, since)
+            return closed is None or end > closed
+
+        return self._windows(still_open, sketches)
 
     def __len__(self) -> int:
         return len(self._fixed) + sum(len(s) for s in self._sessions.values())
@@ -324,7 +544,8 @@ class WindowOperator:
     def snapshot(self) -> dict[str, Any]:
         return {
             "panes": True,
-            "closed_through": self._closed_through,
+            "closed_through": dict(self._closed_through),
+            "uniform": self._uniform,
             "fixed": [[list(g), start, a.as_list()] for (g, start), a in self._fixed.items()],
             "sessions": [
                 [list(g), s.start, s.last, s.agg.as_list()]
@@ -342,10 +563,20 @@ class WindowOperator:
                 "partition checkpoints"
             )
         op = cls(spec)
-        op._closed_through = data.get("closed_through")
+        through = data.get("closed_through")
+        if isinstance(through, Mapping):
+            op._closed_through = {str(t): int(m) for t, m in through.items()}
+            op._uniform = data.get("uniform")
+        else:  # one watermark for the whole partition (before per-tenant watermarks)
+            op._uniform = through
         for group, start, agg in data["fixed"]:
             op._fixed[(tuple(group), start)] = Agg.from_list(agg)
         for group, start, last, agg in data["sessions"]:
             session = _OpenSession(start, last, Agg.from_list(agg))
             op._sessions.setdefault(tuple(group), []).append(session)
         return op
+
+
+def _tenant(group: Group) -> str:
+    """The tenant of a window group (its first part)."""
+    return str(group[0]) if group else ""

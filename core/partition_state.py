@@ -34,6 +34,7 @@ from core.event_time import (
     ClosedWindow,
     Group,
     Hopping,
+    Lateness,
     PartitionWatermark,
     Session,
     Tumbling,
@@ -65,6 +66,16 @@ class ProcessingConfig:
     group_by: tuple[str, ...] = ()
     distinct: str | None = None
     quantiles: bool = False
+    max_future_ms: int = 300_000
+    """An event stamped further ahead of its arrival in Kafka is refused (``future``)."""
+    max_tenants: int = 10_000
+    """Most tenants whose watermark one partition keeps apart (see PartitionWatermark)."""
+    lateness_overrides: tuple[tuple[str, int], ...] = ()
+    """(tenant name pattern, allowed lateness in ms), the first match winning."""
+
+    @property
+    def lateness(self) -> Lateness:
+        return Lateness(self.allowed_lateness_ms, self.lateness_overrides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +137,8 @@ class WindowResult:
 
 
 class RecordRef(NamedTuple):
-    """Where a record came from, and its bytes, for the dead-letter topic.
+    """Where a record came from, its bytes (for the dead-letter topic), and when Kafka
+    appended it (epoch ms; None when unknown: the event time stands in for it).
 
     A named tuple: the worker makes one per consumed record, and a tuple is several
     times cheaper to build than a frozen dataclass.
@@ -135,6 +147,7 @@ class RecordRef(NamedTuple):
     offset: int
     key: bytes | None
     value: bytes | None
+    arrival: int | None = None
 
 
 @dataclass
@@ -176,8 +189,11 @@ class PartitionState:
         self.partition = partition
         self.config = config
         self.next_offset = next_offset
-        self.watermark = PartitionWatermark(config.allowed_lateness_ms, config.idle_timeout_ms)
-        self.mark_before: int | None = None  # the watermark a batch's lateness is judged by
+        self.watermark = PartitionWatermark(
+            config.lateness, config.idle_timeout_ms, config.max_tenants
+        )
+        # per tenant of the batch, the watermark its lateness is judged by
+        self.mark_before: dict[str, int | None] = {}
         self.operators = {w.name: WindowOperator(w.spec) for w in config.windows}
         self.dedup = DedupFilter(config.dedup_horizon_ms, max_ids=config.dedup_max_ids)
         self.cep = CepEngine(())
@@ -185,13 +201,11 @@ class PartitionState:
 
     # Processing ----------------------------------------------------------------
 
-    def process(
-        self, records: Sequence[RecordRef], wall_ms: int, runtime: Runtime | None = None
-    ) -> BatchOutcome:
+    def process(self, records: Sequence[RecordRef], runtime: Runtime | None = None) -> BatchOutcome:
         """Fold one batch of this partition's records (in offset order)."""
         states = {self.partition: self}
         batch = {self.partition: records}
-        outcomes, _counted = process_batch(states, batch, wall_ms, runtime or Runtime())
+        outcomes, _counted = process_batch(states, batch, runtime or Runtime())
         return outcomes[self.partition]
 
     def sync_rules(self, runtime: Runtime) -> None:
@@ -200,16 +214,29 @@ class PartitionState:
             self.cep.set_rules(runtime.rules)
             self.rules_version = runtime.rules_version
 
-    def tick(self, wall_ms: int) -> tuple[list[WindowResult], list[Match]]:
-        """Close what the watermark (perhaps advanced by idleness) has passed."""
-        mark = self.watermark.current(wall_ms)
-        if mark is None:
+    def tick(self) -> tuple[list[WindowResult], list[Match]]:
+        """Close what each tenant's watermark has passed; forget idle tenants."""
+        marks = self.watermark
+        low = marks.low()
+        if low is None:
             return [], []
-        self.dedup.advance(mark)
+        self.dedup.advance(low)
         results: list[WindowResult] = []
         for name, op in self.operators.items():
-            results.extend(self._result(name, w) for w in op.close_until(mark))
-        return results, self.cep.on_watermark(mark)
+            closed = op.close_until(marks.of, marks.since, marks.tenants)
+            results.extend(self._result(name, w) for w in closed)
+        matches = self.cep.on_watermark(self._cep_watermark(low))
+        marks.closed()
+        marks.forget_idle()
+        return results, matches
+
+    def _cep_watermark(self, low: int) -> int:
+        """The event time the CEP rules may treat as final: the lowest watermark of the
+        tenants they name (of every tenant, when one names none)."""
+        tenants = {rule.tenant for rule in self.cep.rules}
+        if not tenants or None in tenants:
+            return low
+        return min(self.watermark.of(str(t)) or low for t in tenants)
 
     def _result(self, name: str, w: ClosedWindow) -> WindowResult:
         tenant, type_, *dims = w.group
@@ -242,7 +269,7 @@ class PartitionState:
         return [
             self._result(name, w)
             for name, op in self.operators.items()
-            for w in op.open_windows(sketches)
+            for w in op.open_windows(sketches, self.watermark.since)
         ]
 
     # Snapshots -----------------------------------------------------------------
@@ -272,12 +299,11 @@ class PartitionState:
         self.dedup.stats.duplicates = counted  # a rebuild re-reads; it finds nothing new
 
     def snapshot(self) -> dict[str, Any]:
-        mark = self.watermark
         return {
             "partition": self.partition,
             "next_offset": self.next_offset,
             "dedup_from": self.dedup_rebuild_from(),
-            "watermark": [mark.max_ts, mark.last_event_wall_ms, mark.floor],
+            "watermark": self.watermark.snapshot(),
             "windows": {name: op.snapshot() for name, op in self.operators.items()},
             "group_by": list(self.config.group_by),
             "cep": self.cep.snapshot(),
@@ -288,9 +314,7 @@ class PartitionState:
         cls, config: ProcessingConfig, data: Mapping[str, Any], runtime: Runtime | None = None
     ) -> PartitionState:
         state = cls(data["partition"], config, data["next_offset"])
-        max_ts, last_wall, *floor = data["watermark"]
-        state.watermark.max_ts, state.watermark.last_event_wall_ms = max_ts, last_wall
-        state.watermark.floor = floor[0] if floor else None
+        state.watermark.restore(data["watermark"])
         saved_by = tuple(data.get("group_by", ()))
         for w in config.windows:
             if w.name in data["windows"]:
@@ -312,7 +336,8 @@ def _regrouped(
     under ``before`` (the settings changed): columns new to the group-by are empty for
     the windows opened before, and groups that only dropped columns differ in merge."""
     out = WindowOperator(op.spec)
-    out._closed_through = op._closed_through
+    out._closed_through = dict(op._closed_through)
+    out._uniform = op._uniform
 
     def regroup(group: Group) -> Group:
         tenant, type_, *dims = group

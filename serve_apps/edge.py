@@ -82,6 +82,7 @@ class EdgeConfig:
     source_burst: int = 200_000
     max_consumer_lag: int = 5_000_000
     lag_check_s: float = 2.0
+    max_future_ms: int = 300_000
 
 
 class _Reject(Exception):
@@ -427,7 +428,12 @@ class IngestEdge:
         for error in decoded.errors:
             self._reject(batch, source, error.index, [("", error.message)], error.raw, received)
         items = [record for _, record in records]
-        envelopes, problems = validate_events(items, default_source=source, received_at_ms=received)
+        envelopes, problems = validate_events(
+            items,
+            default_source=source,
+            received_at_ms=received,
+            max_future_ms=self._config.max_future_ms,
+        )
         bad = _group(problems)
         trace = _traceparent(request.headers.get("traceparent"))
         plain: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
@@ -437,7 +443,8 @@ class IngestEdge:
         for position, (index, record) in enumerate(records):
             if position in bad:
                 found = [(p.field, p.message) for p in bad[position]]
-                self._reject(batch, source, index, found, _raw(record), received)
+                code = next((p.reason for p in bad[position] if p.reason), None)
+                self._reject(batch, source, index, found, _raw(record), received, code)
                 continue
             envelope, subject = next(good)
             schema = schemas[subject]
@@ -471,11 +478,21 @@ class IngestEdge:
         problems: list[tuple[str, str]],
         raw: bytes,
         received: int,
+        code: str | None = None,
     ) -> None:
-        """One dead letter for the record, and one error entry per problem of it."""
+        """One dead letter for the record, and one error entry per problem of it; its
+        reason is ``code`` where a problem has one (e.g. ``future``), with the words in
+        the ``detail`` header."""
         batch.errors += [{"index": index, "field": f, "message": m} for f, m in problems]
         reason = "; ".join(f"field '{f}' {m}" if f else m for f, m in problems)
-        headers = dead_letter_headers("ingest", reason, received, source=source, index=index)
+        headers = dead_letter_headers(
+            "ingest",
+            code or reason,
+            received,
+            detail=reason if code else None,
+            source=source,
+            index=index,
+        )
         batch.dead.append((None, raw, list(headers)))
 
     async def _send(self, batch: _Batch, source: str) -> Answer:

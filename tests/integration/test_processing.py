@@ -38,34 +38,68 @@ def post(http: httpx.Client, events: list[dict[str, Any]]) -> None:
     assert answer.status_code == 202, answer.text
 
 
+def early_in_a_minute(spare: float = 25) -> float:
+    """Now, once at least ``spare`` seconds are left in the current minute."""
+    if 60 - time.time() % 60 < spare:
+        time.sleep(60 - time.time() % 60 + 0.1)
+    return time.time()
+
+
 def test_windows_close_into_clickhouse_and_late_events_are_dead_lettered(
-    http: httpx.Client, stack: Settings, tenant: str
+    http: httpx.Client, stack: Settings, live_tenant: str
 ) -> None:
-    # All on one entity, hence one partition, whose watermark the test moves.
-    now = minute_now()
-    base = now - 3300  # a minute boundary, on time for the hour of lateness
-    post(http, [event(tenant, i, base + 20 * i, i, entity="e") for i in range(6)])
+    tenant = live_tenant  # the default lateness: its minute closes soon after it ends
+    now = early_in_a_minute()
+    post(http, [event(tenant, i, now - i * 0.1, i, entity="e") for i in range(6)])
     live = eventually(lambda: metric(http, tenant), lambda m: m["total"]["count"] == 6)
-    assert [w["open"] for w in live["windows"]] == [True, True]
-    # An event 480 s ahead moves that partition's watermark to now - 3120 s
-    # (lateness 1 h): the two minutes at `base` close and are written to ClickHouse.
-    # (No test places on-time events before now - 3100 s, so this harms none.)
-    post(http, [event(tenant, 100, now + 480, 0, entity="e", type="tick")])
+    assert [w["open"] for w in live["windows"]] == [True]
+    # Once its tenant's watermark passes the minute's end (5 s of lateness, the broker's
+    # time moved on by other traffic or an idle spell of 10 s), the minute is written
+    # to ClickHouse; nothing else moves it.
     closed = eventually(
         lambda: metric(http, tenant),
-        lambda m: len(m["windows"]) == 2 and not any(w["open"] for w in m["windows"]),
+        lambda m: len(m["windows"]) == 1 and not m["windows"][0]["open"],
+        timeout=90,
     )
-    assert [(w["count"], w["sum"]) for w in closed["windows"]] == [(3, 3.0), (3, 12.0)]
+    assert [(w["count"], w["sum"]) for w in closed["windows"]] == [(6, 15.0)]
+    assert time.time() >= now // 60 * 60 + 60 + 5  # not before the minute and lateness
     hopping = metric(http, tenant, window="5m/1m")
     assert sum(w["count"] for w in hopping["windows"]) == 5 * 6
 
     dlq_before = end_offsets(stack.kafka.bootstrap, stack.kafka.dlq_topic)
-    post(http, [event(tenant, 200, now - 7200, 50, entity="e")])  # two hours old: late
+    # ten minutes old: every window that would hold it (1m, 5m/1m) has closed
+    post(http, [event(tenant, 200, now - 600, 50, entity="e")])
     (letter,) = read_from(stack, stack.kafka.dlq_topic, dlq_before, 1)
     assert dict(letter.headers())["reason"] == b"late"
     assert f'"event_id":"p-200","source":"api","tenant":"{tenant}"' in letter.value().decode()
     time.sleep(1)
     assert metric(http, tenant)["total"] == {"count": 6, "sum": 15.0}
+
+
+def test_an_event_stamped_far_ahead_is_refused_and_moves_nothing(
+    http: httpx.Client, stack: Settings, live_tenant: str
+) -> None:
+    """A wrong clock (an hour ahead) is refused per record with reason `future`, and the
+    tenant's events that follow, on time, still count."""
+    now = time.time()
+    dlq_before = end_offsets(stack.kafka.bootstrap, stack.kafka.dlq_topic)
+    answer = http.post(
+        "/v1/events",
+        json=[event(live_tenant, 1, now + 3600, 1), event(live_tenant, 2, now, 2)],
+    )
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert (body["accepted"], body["rejected"]) == (1, 1)
+    (error,) = body["errors"]
+    assert (error["index"], error["field"]) == (0, "ts")
+    assert "ahead of the time it arrived" in error["message"]
+    (letter,) = read_from(stack, stack.kafka.dlq_topic, dlq_before, 1)
+    headers = dict(letter.headers())
+    assert headers["reason"] == b"future"
+    assert b"max_future_skew_seconds" in headers["detail"]
+    post(http, [event(live_tenant, 3, time.time() - 1, 4)])
+    done = eventually(lambda: metric(http, live_tenant), lambda m: m["total"]["count"] == 2)
+    assert done["total"]["sum"] == 6.0
 
 
 def test_a_repeated_event_counts_once(http: httpx.Client, tenant: str) -> None:

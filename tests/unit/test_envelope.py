@@ -151,3 +151,38 @@ def test_check_stored(record: Any, problem: str | None) -> None:
     else:
         assert found is not None
         assert problem in found
+
+
+ARRIVED = 1_795_931_400_000  # 2026-11-29T05:50:00Z
+
+
+@pytest.mark.parametrize(
+    ("ts", "refused"),
+    [
+        ("2026-11-29T05:55:00Z", False),  # exactly the allowed 300 s ahead
+        ("2026-11-29T05:55:00.001Z", True),
+        ("2099-01-01T00:00:00Z", True),
+        (ARRIVED / 1000 + 3600, True),  # epoch seconds, an hour ahead
+        ("2026-11-22T05:50:00Z", False),  # a week behind is not this check's business
+    ],
+)
+def test_an_event_stamped_too_far_ahead_of_its_arrival_is_refused(ts: Any, refused: bool) -> None:
+    envelopes, errors = validate_events(
+        [{**GOOD, "ts": ts}, GOOD],
+        default_source="api",
+        received_at_ms=ARRIVED,
+        max_future_ms=300_000,
+    )
+    assert len(envelopes) == (1 if refused else 2)
+    if refused:
+        (error,) = errors
+        assert (error.index, error.field, error.reason) == (0, "ts", "future")
+        assert "max_future_skew_seconds" in error.message
+        assert "ahead of the time it arrived (2026-11-29T05:50:00.000Z)" in error.message
+
+
+def test_without_a_bound_a_future_event_is_accepted() -> None:
+    envelopes, errors = validate_events(
+        [{**GOOD, "ts": "2099-01-01T00:00:00Z"}], default_source="api", received_at_ms=ARRIVED
+    )
+    assert (len(envelopes), errors) == (1, [])

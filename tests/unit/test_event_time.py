@@ -5,12 +5,13 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from core.event_time import (
     Agg,
     Hopping,
+    Lateness,
     PartitionWatermark,
     Session,
     Tumbling,
@@ -127,13 +128,213 @@ def test_snapshot_restores_the_same_windows(spec: WindowSpec) -> None:
     assert closed(again, 10**9) == closed(op, 10**9)
 
 
-def test_watermark_follows_events_then_the_clock_when_idle() -> None:
-    mark = PartitionWatermark(allowed_lateness_ms=5 * S, idle_timeout_ms=10 * S)
-    assert mark.current(wall_ms=0) is None
-    mark.observe(max_ts=100 * S, wall_ms=1000 * S)
-    mark.observe(max_ts=90 * S, wall_ms=1001 * S)  # out of order: the max stays
-    assert mark.current(wall_ms=1005 * S) == 95 * S
-    assert mark.current(wall_ms=1011 * S) == 1006 * S  # idle: wall clock - lateness
+def marks(**tenants: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """One batch as the watermark sees it: per tenant (newest capped ts, newest arrival)."""
+    return dict(tenants)
+
+
+def test_watermark_follows_each_tenants_events() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    assert (mark.base("x"), mark.of("a"), mark.low()) == (None, None, None)
+    mark.observe(marks(a=(100 * S, 101 * S), b=(60 * S, 101 * S)))
+    mark.observe(marks(a=(90 * S, 102 * S)))  # out of order: a's mark stays
+    assert (mark.of("a"), mark.of("b")) == (95 * S, 55 * S)
+    assert mark.low() == 55 * S
+    assert mark.of("never-seen") == mark.base("x") == 97 * S  # progress 102 s - lateness
+
+
+def test_a_tenant_quiet_for_the_idle_timeout_takes_the_base() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.observe(marks(a=(50 * S, 100 * S), b=(99 * S, 100 * S)))
+    mark.observe(marks(b=(108 * S, 109 * S)))
+    assert mark.of("a") == 45 * S  # 9 s of progress without a: not idle yet
+    mark.observe(marks(b=(110 * S, 110 * S)))
+    assert mark.of("a") == 105 * S  # idle: the base
+    mark.forget_idle()
+    assert set(mark.tenants) == {"b"}
+    assert mark.of("a") == 105 * S
+
+
+def test_time_without_data_moves_nothing() -> None:
+    """A pause of the worker (GC, SIGSTOP, a restart) is not idleness."""
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.observe(marks(a=(100 * S, 100 * S)))
+    mark.at_end(101 * S)
+    mark.not_at_end()  # records arrived while the worker was stopped
+    mark.at_end(1000 * S)
+    assert mark.of("a") == 95 * S
+    mark.at_end(1009 * S)
+    assert mark.of("a") == 95 * S  # at the end, but not for 10 s yet
+    mark.at_end(1010 * S)
+    assert mark.of("a") == mark.base("x") == 1005 * S  # the broker said so for 10 s
+    mark.observe(marks(a=(200 * S, 1011 * S)))  # far behind: the mark holds
+    assert mark.of("a") == 1005 * S
+
+
+def test_new_data_ends_an_idle_spell() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.at_end(0)
+    mark.observe(marks(a=(5 * S, 5 * S)))
+    mark.at_end(10 * S)
+    assert mark.base("x") == 0  # progress is the data's, not the clock's
+    mark.at_end(20 * S)
+    assert mark.base("x") == 15 * S
+
+
+def test_a_partition_without_data_gets_a_watermark_once_the_broker_says_it_is_empty() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.at_end(100 * S)
+    assert mark.low() is None
+    mark.at_end(110 * S)
+    assert mark.low() == 105 * S
+
+
+def test_tenants_beyond_the_cap_are_let_go_quietest_first() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10**9, max_tenants=3)
+    for i, tenant in enumerate("abcde"):
+        mark.observe({tenant: (i * S, 100 * S + i)})
+    assert set(mark.tenants) == {"c", "d", "e"}
+    assert mark.of("a") == mark.base("x")
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        [100 * S, 7, 95 * S],  # [max ts, wall clock, floor] before per-tenant marks
+        [100 * S, 7],
+    ],
+)
+def test_an_old_snapshot_restores_its_watermark_as_the_base(saved: list[int]) -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.restore(saved)
+    assert mark.base("x") == 95 * S
+
+
+def test_a_snapshot_restores_every_mark_but_not_an_idle_spell() -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    mark.observe(marks(a=(100 * S, 100 * S), b=(80 * S, 100 * S)))
+    mark.at_end(101 * S)
+    again = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=10 * S)
+    again.restore(orjson.loads(orjson.dumps(mark.snapshot())))
+    assert (again.of("a"), again.of("b"), again.base("x")) == (95 * S, 75 * S, 95 * S)
+    again.at_end(111 * S)  # the broker must say so again after a restart
+    assert again.base("x") == 95 * S
+
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("batch"),
+            st.dictionaries(
+                st.sampled_from("abcd"),
+                st.tuples(st.integers(0, 600), st.integers(0, 600)),
+                min_size=1,
+            ),
+        ),
+        st.tuples(st.just("at_end"), st.integers(0, 900)),
+        st.tuples(st.just("not_at_end"), st.none()),
+        st.tuples(st.just("forget"), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@given(steps, st.integers(1, 4))
+def test_no_watermark_ever_goes_back(script: list[tuple[str, Any]], cap: int) -> None:
+    mark = PartitionWatermark(Lateness(5 * S), idle_timeout_ms=30 * S, max_tenants=cap)
+    before: dict[str, int | None] = dict.fromkeys("abcd")
+    low = None
+    for step, arg in script:
+        if step == "batch":
+            mark.observe({t: (min(ts, arr) * S, arr * S) for t, (ts, arr) in arg.items()})
+        elif step == "at_end":
+            mark.at_end(arg * S)
+        elif step == "not_at_end":
+            mark.not_at_end()
+        else:
+            mark.forget_idle()
+        for tenant, was in before.items():
+            now = mark.of(tenant)
+            assert was is None or (now is not None and now >= was)
+            before[tenant] = now
+        assert low is None or (mark.low() or low) >= low
+        low = mark.low()
+        assert len(mark.tenants) <= cap
+
+
+def test_windows_close_per_tenant() -> None:
+    op = WindowOperator(Tumbling(MIN))
+    op.add([ev(10 * S, key="a"), ev(20 * S, key="b")], by_key, None)
+    wm = {"a": 2 * MIN, "b": 30 * S}
+    assert [w.group for w in op.close_until(wm.__getitem__, active=wm)] == [("a",)]
+    assert [w.group for w in op.open_windows()] == [("b",)]
+    wm["b"] = 2 * MIN
+    assert [w.group for w in op.close_until(wm.__getitem__, active=wm)] == [("b",)]
+
+
+def test_a_tenant_behind_the_base_keeps_its_own_closing_point() -> None:
+    """A tenant still active but behind the partition's base, with no open pane left,
+    must not be taken for one that is up to the base: its next windows still count."""
+    op = WindowOperator(Hopping(5 * MIN, MIN))
+    op.add([ev(10 * S, key="a")], by_key, None)
+    assert len(op.close_until({"a": 5 * MIN}.__getitem__, lambda _t: None, ["a"])) == 5
+    others = {"a": 10 * MIN}.get  # what the base said of a tenant not active then
+    assert len(op) == 0
+    op.add([ev(5 * MIN + 10 * S, key="a")], by_key, None)
+    windows = op.close_until({"a": 11 * MIN}.__getitem__, others, ["a"])
+    assert [(w.start, w.agg.count) for w in windows] == [
+        (start * MIN, 1) for start in (1, 2, 3, 4, 5)
+    ]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abc"), st.integers(0, 12 * MIN), st.integers(0, 3 * MIN)),
+        max_size=60,
+    ),
+    st.integers(1, 8),
+    st.integers(1, 3),
+)
+@settings(max_examples=300)
+def test_per_tenant_closing_hands_out_each_window_once_and_whole(
+    stream: list[tuple[str, int, int]], batch: int, cap: int
+) -> None:
+    """Tenants advance at their own pace (a hopping window of five hops): every window is
+    handed out once, and the hopping counts add up to what a per-tenant oracle gives."""
+    lateness = 5 * S
+    mark = PartitionWatermark(Lateness(lateness), idle_timeout_ms=90 * S, max_tenants=cap)
+    op = WindowOperator(Hopping(5 * MIN, MIN))
+    seen: set[tuple[Any, int]] = set()
+    counted: dict[tuple[Any, int], int] = {}
+    oracle: dict[tuple[Any, int], int] = {}
+    arrival = 0
+    for i in range(0, len(stream), batch):
+        chunk = stream[i : i + batch]
+        tenants = {t for t, _ts, _delay in chunk}
+        before = {t: mark.of(t) for t in tenants}
+        fresh = []
+        for tenant, ts, delay in chunk:
+            arrival = max(arrival, ts + delay)
+            if not op.is_late(ts, before[tenant]):
+                fresh.append(ev(ts, key=tenant))
+                closed_at = before[tenant]
+                for start in Hopping(5 * MIN, MIN).starts(ts):
+                    if closed_at is None or start + 5 * MIN > closed_at:
+                        oracle[(tenant, start)] = oracle.get((tenant, start), 0) + 1
+        op.add(fresh, by_key, None)
+        mark.observe({t: (max(ts for tt, ts, _ in chunk if tt == t), arrival) for t in tenants})
+        for w in op.close_until(mark.of, mark.since, mark.tenants):
+            key = (w.group[0], w.start)
+            assert key not in seen
+            seen.add(key)
+            counted[key] = w.agg.count
+        mark.closed()
+        mark.forget_idle()
+    for w in op.close_until(lambda _tenant: 10**12, mark.since, mark.tenants):
+        key = (w.group[0], w.start)
+        assert key not in seen
+        counted[key] = w.agg.count
+    assert counted == oracle
 
 
 events = st.lists(
@@ -166,12 +367,3 @@ def test_with_a_watermark_nothing_is_lost(batch: list[dict[str, Any]], watermark
     counted = sum(w.agg.count for w in op.close_until(10**12))
     assert counted + len(late) == len(batch)
     assert all(e["ts"] - e["ts"] % MIN + MIN <= watermark for e in late)
-
-
-def test_the_watermark_never_goes_back_after_an_idle_spell() -> None:
-    mark = PartitionWatermark(allowed_lateness_ms=5 * S, idle_timeout_ms=10 * S)
-    mark.observe(100 * S, wall_ms=0)
-    assert mark.current(wall_ms=1 * S) == 95 * S
-    assert mark.current(wall_ms=1000 * S) == 995 * S  # idle: follows the wall clock
-    mark.observe(200 * S, wall_ms=1001 * S)  # an event far behind the wall clock
-    assert mark.current(wall_ms=1002 * S) == 995 * S  # held, not back to 195 s

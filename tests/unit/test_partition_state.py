@@ -32,17 +32,23 @@ DISTINCT = replace(CONFIG, distinct="event_id", quantiles=True)
 
 
 def rec(
-    offset: int, ts: int, event_id: str | None = None, value: float = 1, type_: str = "click"
+    offset: int,
+    ts: int,
+    event_id: str | None = None,
+    value: float = 1,
+    type_: str = "click",
+    tenant: str = "acme",
+    arrival: int | None = None,
 ) -> RecordRef:
     event = {
         "event_id": event_id or f"e{offset}",
         "source": "api",
-        "tenant": "acme",
+        "tenant": tenant,
         "type": type_,
         "ts": ts,
         "value": value,
     }
-    return RecordRef(offset, b"acme:x", orjson.dumps(event))
+    return RecordRef(offset, f"{tenant}:x".encode(), orjson.dumps(event), arrival)
 
 
 def one_minute(results: list[WindowResult]) -> list[tuple[int, int, float]]:
@@ -78,8 +84,7 @@ def test_a_batch_closes_windows_dedups_and_dead_letters() -> None:
             rec(2, T0 + S, "e0"),
             RecordRef(3, None, b"{broken"),
             rec(4, T0 + MIN + 10 * S, value=4),
-        ],
-        wall_ms=0,
+        ]
     )
     assert out.duplicates == 1
     assert [(ref.offset, reason[:8]) for ref, reason in out.rejected] == [(3, "not JSON")]
@@ -90,23 +95,40 @@ def test_a_batch_closes_windows_dedups_and_dead_letters() -> None:
         WindowResult("5m/1m", 3, "acme", "click", T0 - 4 * MIN, T0 + MIN, 2, 5.0, 2.0, 3.0),
     ]
     assert state.next_offset == 5
-    late = state.process([rec(5, T0 + 30 * S), rec(6, T0 + MIN + 20 * S)], wall_ms=1)
+    late = state.process([rec(5, T0 + 30 * S), rec(6, T0 + MIN + 20 * S)])
     assert [r.offset for r in late.late] == [5]
     assert late.processed == 1
 
 
-def test_idle_partition_closes_on_the_clock() -> None:
+def test_a_partition_the_broker_has_nothing_more_for_closes_on_the_clock() -> None:
     state = PartitionState(0, CONFIG)
-    assert state.process([rec(0, T0 + S)], wall_ms=10 * S).closed == []
-    assert state.tick(wall_ms=39 * S) == ([], [])  # not idle for 30 s yet
-    closed, _alerts = state.tick(wall_ms=T0 + 10 * MIN)  # idle: wall clock moves the watermark
+    assert state.process([rec(0, T0 + S, arrival=T0 + 2 * S)]).closed == []
+    state.watermark.at_end(T0 + 3 * S)
+    state.watermark.at_end(T0 + 32 * S)  # at the end, but not for 30 s yet
+    assert state.tick() == ([], [])
+    state.watermark.at_end(T0 + 10 * MIN)  # at the end for 30 s and more: idle
+    closed, _alerts = state.tick()
     assert one_minute(closed) == [(0, 1, 1.0)]
     assert {r.window for r in closed} == {"1m", "5m/1m"}
 
 
+def test_a_paused_worker_moves_no_watermark() -> None:
+    """Time passing without data (GC, a slow sink, SIGSTOP) closes nothing; only the
+    broker saying, twice an idle timeout apart, that there is nothing more does."""
+    state = PartitionState(0, CONFIG)
+    state.process([rec(0, T0 + S, arrival=T0 + 2 * S)])
+    state.watermark.at_end(T0 + 3 * S)
+    # ... the worker stops for ten minutes; records arrive meanwhile
+    state.watermark.not_at_end()
+    state.watermark.at_end(T0 + 10 * MIN)
+    assert state.tick() == ([], [])
+    out = state.process([rec(1, T0 + 20 * S, arrival=T0 + 21 * S)])  # the backlog
+    assert (out.processed, out.late) == (1, [])
+
+
 def test_open_windows_are_visible() -> None:
     state = PartitionState(0, CONFIG)
-    state.process([rec(0, T0 + S, value=7)], wall_ms=0)
+    state.process([rec(0, T0 + S, value=7)])
     assert one_minute(state.open_windows()) == [(0, 1, 7.0)]
 
 
@@ -114,15 +136,15 @@ def test_restore_and_rebuild_continue_exactly() -> None:
     records = [rec(i, T0 + i * 7 * S, value=i) for i in range(40)]
     records += [rec(40, T0 + 3 * S, "e3")]  # a duplicate of offset 3
     whole = PartitionState(0, CONFIG)
-    expected = whole.process(records, wall_ms=0)
+    expected = whole.process(records)
 
     first = PartitionState(0, CONFIG)
-    got = first.process(records[:20], wall_ms=0).closed
+    got = first.process(records[:20]).closed
     snap = orjson.loads(orjson.dumps(first.snapshot()))
     again = PartitionState.restore(CONFIG, snap)
     assert snap["dedup_from"] == 0
     again.rebuild_dedup(records[snap["dedup_from"] : snap["next_offset"]])
-    rest = again.process(records[20:], wall_ms=0)
+    rest = again.process(records[20:])
     assert rest.duplicates == 1
     assert sorted(got + rest.closed, key=repr) == sorted(expected.closed, key=repr)
 
@@ -141,11 +163,12 @@ def test_nothing_lost_nothing_twice_whatever_the_batching(
     closed: list[WindowResult] = []
     late = dupes = 0
     for i in range(0, len(records), batch):
-        out = state.process(records[i : i + batch], wall_ms=0)
+        out = state.process(records[i : i + batch])
         closed += out.closed
         late += len(out.late)
         dupes += out.duplicates
-    closed += state.tick(wall_ms=T0 + 10**9)[0]
+    state.watermark.progress = T0 + 10**9  # past everything
+    closed += state.tick()[0]
     counted = sum(r.count for r in closed if r.window == "1m")
     assert counted + late + dupes == len(records)
     assert dupes == len(records) - len({eid for _, eid in events})
@@ -160,11 +183,11 @@ class Reference:
     def __init__(self, config: ProcessingConfig) -> None:
         self.state = PartitionState(0, config)
 
-    def process(self, records: list[RecordRef], wall_ms: int) -> tuple[int, int, list[int]]:
+    def process(self, records: list[RecordRef]) -> tuple[int, int, list[int]]:
         st = self.state
         events = [dict(orjson.loads(r.value or b""), _offset=r.offset) for r in records]
         fresh, dupes = st.dedup.split(events, [e["_offset"] for e in events])
-        mark = st.watermark.current(wall_ms)
+        mark = st.watermark.of("acme")
         on_time, late = [], []
         for e in fresh:
             if any(op.is_late(e["ts"], mark) for op in st.operators.values()):
@@ -173,7 +196,8 @@ class Reference:
                 on_time.append(e)
         for op in st.operators.values():
             op.add(on_time, lambda e: (e["tenant"], e["type"]), mark)
-        st.watermark.observe(max(e["ts"] for e in events), wall_ms)
+        newest = max(e["ts"] for e in events)
+        st.watermark.observe({"acme": (newest, newest)})
         st.next_offset = records[-1].offset + 1
         return len(on_time), len(dupes), late
 
@@ -206,10 +230,10 @@ def test_the_vectorised_batch_agrees_with_a_per_record_reference(
     fast, slow = PartitionState(0, CONFIG), Reference(CONFIG)
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
-        a = fast.process(chunk, wall_ms=0)
-        processed, dupes, late = slow.process(chunk, wall_ms=0)
+        a = fast.process(chunk)
+        processed, dupes, late = slow.process(chunk)
         assert (a.processed, a.duplicates, [r.offset for r in a.late]) == (processed, dupes, late)
-        assert _plain(a.closed) == _plain(slow.state.tick(wall_ms=0)[0])
+        assert _plain(a.closed) == _plain(slow.state.tick()[0])
     assert _plain(fast.open_windows()) == _plain(slow.state.open_windows())
     fast_snap, slow_snap = fast.snapshot(), slow.state.snapshot()
     del fast_snap["windows"], slow_snap["windows"]
@@ -232,10 +256,10 @@ def test_the_per_record_decoder_gives_what_the_arrow_decoder_gives(
     fast, slow = PartitionState(0, DISTINCT), PartitionState(0, DISTINCT)
     for i in range(0, len(records), batch):
         chunk = records[i : i + batch]
-        a = fast.process(chunk, wall_ms=0)
+        a = fast.process(chunk)
         with pytest.MonkeyPatch.context() as m:
             m.setattr("core.batch.decode_json", lambda _values, _layout: None)
-            b = slow.process(chunk, wall_ms=0)
+            b = slow.process(chunk)
         assert (a.processed, a.duplicates, a.late, a.closed) == (
             b.processed,
             b.duplicates,
@@ -258,23 +282,84 @@ def test_the_per_record_decoder_gives_what_the_arrow_decoder_gives(
 )
 def test_one_bad_record_sends_the_batch_down_the_per_record_path(value: bytes) -> None:
     state = PartitionState(0, CONFIG)
-    out = state.process([rec(0, T0), RecordRef(1, None, value), rec(2, T0 + 1)], wall_ms=0)
+    out = state.process([rec(0, T0), RecordRef(1, None, value), rec(2, T0 + 1)])
     assert out.processed == 2
     assert [ref.offset for ref, _reason in out.rejected] == [1]
 
 
 def test_a_record_spanning_lines_is_still_read() -> None:
     pretty = b'{"event_id": "a",\n "tenant": "t", "type": "x", "ts": 1, "value": 1}'
-    out = PartitionState(0, CONFIG).process([rec(0, T0), RecordRef(1, None, pretty)], wall_ms=0)
+    out = PartitionState(0, CONFIG).process([rec(0, T0), RecordRef(1, None, pretty)])
     assert (out.processed, out.rejected) == (2, [])
 
 
 def test_a_snapshot_from_other_group_by_settings_is_regrouped() -> None:
     by_site = replace(CONFIG, group_by=("site",))
     before = PartitionState(0, CONFIG)
-    before.process([rec(0, T0 + S, value=2), rec(1, T0 + 2 * S, value=3)], wall_ms=0)
+    before.process([rec(0, T0 + S, value=2), rec(1, T0 + 2 * S, value=3)])
     after = PartitionState.restore(by_site, orjson.loads(orjson.dumps(before.snapshot())))
     (minute,) = [r for r in after.open_windows() if r.window == "1m"]
     assert (minute.dims, minute.count, minute.sum) == ((("site", ""),), 2, 5.0)
     back = PartitionState.restore(CONFIG, after.snapshot())
     assert one_minute(back.open_windows()) == [(0, 2, 5.0)]
+
+
+def test_one_tenants_clock_makes_no_other_tenant_late() -> None:
+    """A tenant stamping events minutes ahead (within the allowed skew) moves its own
+    watermark no further than their arrival, and never another tenant's."""
+    state = PartitionState(0, CONFIG)
+    now = T0 + 30 * MIN
+    ahead = state.process([rec(0, now + 4 * MIN, tenant="fast", arrival=now)])
+    assert ahead.processed == 1
+    assert ahead.rejected == []
+    out = state.process(
+        [
+            rec(1, now - 2 * S, tenant="slow", arrival=now + S),
+            rec(2, now - 1 * S, tenant="fast", arrival=now + S),  # its own: not late either
+        ]
+    )
+    assert (out.processed, out.late) == (2, [])
+    assert state.watermark.of("fast") == now - 5 * S  # capped at its arrival, not 4 min on
+
+
+def test_an_event_stamped_too_far_ahead_is_refused_as_future() -> None:
+    state = PartitionState(0, CONFIG)
+    now = T0 + 30 * MIN
+    out = state.process(
+        [
+            rec(0, now + 301 * S, arrival=now),
+            rec(1, now - S, tenant="other", arrival=now),
+        ]
+    )
+    assert [(r.offset, reason) for r, reason in out.rejected] == [(0, "future")]
+    assert out.processed == 1
+    assert state.watermark.of("acme") == now - 5 * S  # the base: the refused event moved nothing
+    assert state.process([rec(2, now - 3 * S, arrival=now + S)]).late == []
+
+
+def test_a_restored_partition_reads_its_backlog_on_time() -> None:
+    """After a restart, however long the worker was away, the backlog is judged by the
+    checkpointed watermark and the broker's time of each record, not the clock."""
+    state = PartitionState(0, CONFIG)
+    state.process([rec(i, T0 + i * S, arrival=T0 + i * S + 300) for i in range(10)])
+    again = PartitionState.restore(CONFIG, orjson.loads(orjson.dumps(state.snapshot())))
+    backlog = [rec(i, T0 + i * S, arrival=T0 + i * S + 900) for i in range(10, 70)]
+    out = again.process(backlog)
+    assert (out.processed, out.late) == (60, [])
+    assert one_minute(out.closed) == [(0, 60, 60.0)]  # the minute [0, 1m) closed whole
+
+
+def test_a_tenant_behind_the_others_keeps_its_windows_open() -> None:
+    """A source that delivers its tenant's events 30 s after they happen (say, a poller)
+    shares a partition with a tenant sending live: neither makes the other late."""
+    state = PartitionState(0, CONFIG)
+    for second in range(0, 120, 2):
+        at = T0 + second * S
+        out = state.process(
+            [
+                rec(2 * second, at, tenant="live", arrival=at + 100),
+                rec(2 * second + 1, at - 30 * S, tenant="polled", arrival=at + 100),
+            ]
+        )
+        assert out.late == []
+        assert out.processed == 2
