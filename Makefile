@@ -8,7 +8,7 @@ CACHE ?= $(HOME)/.cache/rayline
 export PIP_CACHE_DIR ?= $(CACHE)/pip
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: help setup system-deps demo up down status test lint unit integration lock clean docs bench
+.PHONY: help setup system-deps demo up down status test lint unit integration lock clean docs bench soak
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -49,6 +49,11 @@ integration: setup  ## tests against the real local stack (started and stopped h
 
 test: lint unit integration  ## everything CI runs
 
+soak: setup  ## 10 minutes at 10,000 events/s through the ingest API with a worker SIGSTOP, a worker SIGKILL, a ClickHouse owner restart and a broker restart (MINUTES=, RATE=; not in CI)
+	$(BIN)/rayline up >/dev/null
+	$(BIN)/python -m benchmarks.soak --minutes $${MINUTES:-10} --rate $${RATE:-10000}; \
+	  status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
+
 # The query benchmark groups its rollups by `region`: the stack is started so.
 bench: export RAYLINE_CLICKHOUSE__DIMENSIONS ?= ["region"]
 bench: setup  ## processing next to a bare Kafka consumer, latency and memory under load, ingest next to bare Starlette, query latency on 100 M events next to the engine alone (stack started and stopped)
@@ -68,5 +73,9 @@ lock:  ## re-resolve constraints.txt from pyproject.toml (then review the diff)
 	/tmp/rayline-lock/bin/pip install -q ".[dev]"
 	/tmp/rayline-lock/bin/pip freeze --exclude-editable | grep -v '^rayline' > constraints.txt
 
-clean: down  ## remove the state folder (data, logs) and the virtualenv
-	rm -rf .state $(VENV)
+# `rayline down --purge` also deletes what the stack keeps outside .state (PostgreSQL's
+# cluster under /var/tmp when its user cannot reach .state); without a virtualenv there
+# is no `rayline`, and only .state goes.
+clean:  ## stop the stack, delete all local state (wherever it lives) and the virtualenv
+	@if test -x $(BIN)/rayline; then $(BIN)/rayline down --purge; else rm -rf .state; fi
+	rm -rf $(VENV)

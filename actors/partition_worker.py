@@ -35,6 +35,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
 
@@ -45,12 +46,14 @@ from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Producer
 
 from actors.runtime_inputs import RuntimeInputs
 from adapters.exceptions import StoreUnavailable
-from adapters.kafka import Headers, make_consumer
+from adapters.kafka import Headers, make_consumer, topic_id
 from adapters.postgres import CheckpointStore, MetadataStore
 from adapters.redis import LiveTiles
 from core.assignment import Assignment
 from core.batch import Runtime, process_batch
+from core.checkpoint_policy import Action, Decision, OffsetCheck, decide
 from core.columnar import Layout, decode_record, table_from_events
+from core.dead_letters import LATE
 from core.partition_state import (
     BatchOutcome,
     PartitionState,
@@ -113,6 +116,9 @@ class WorkerStats:
     fenced: list[int] = field(default_factory=list)
     last_error: str | None = None
     lag: dict[int, int] = field(default_factory=dict)
+    # Checkpoints that did not fit the topic's offsets, and what was done (the latest
+    # CHECKPOINT_REPORTS_KEPT; see core.checkpoint_policy).
+    checkpoint_resets: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -127,7 +133,7 @@ class Outbox:
 
     @classmethod
     def of(cls, outcome: BatchOutcome, refs: Sequence[RecordRef], counted: set[int]) -> Outbox:
-        letters = list(outcome.rejected) + [(ref, "late") for ref in outcome.late]
+        letters = list(outcome.rejected) + [(ref, LATE) for ref in outcome.late]
         alerts = [m.as_json() for m in outcome.alerts]
         raw = None
         if refs:
@@ -167,6 +173,7 @@ class Outbox:
 
 
 CRASH_POINTS = ("before_sink", "after_sink", "during_snapshot")
+CHECKPOINT_REPORTS_KEPT = 20
 
 
 class PartitionWorker:
@@ -230,9 +237,20 @@ class PartitionWorker:
                 "fenced": list(s.fenced),
                 "last_error": s.last_error,
                 "lag": dict(s.lag),
+                "checkpoint_resets": [dict(r) for r in s.checkpoint_resets],
                 "open_windows": sum(
                     len(op) for st in self._states.values() for op in st.operators.values()
                 ),
+                # per partition: Kafka's time of the newest record read (or of a confirmed
+                # idle spell), the lowest tenant watermark, and the tenants kept apart
+                "watermarks": {
+                    p: {
+                        "progress": st.watermark.progress,
+                        "low": st.watermark.low(),
+                        "tenants": len(st.watermark.tenants),
+                    }
+                    for p, st in self._states.items()
+                },
             }
 
     def open_windows(
@@ -350,11 +368,13 @@ class PartitionWorker:
                     with self._lock:
                         self._stats.last_error = f"consume: {err}"
                 continue
-            by_partition[msg.partition()].append(RecordRef(msg.offset(), msg.key(), msg.value()))
-        wall_ms = int(self._clock() * 1000)
+            kind, appended = msg.timestamp()
+            by_partition[msg.partition()].append(
+                RecordRef(msg.offset(), msg.key(), msg.value(), appended if kind else None)
+            )
         with self._lock:
             records = {p: by_partition.get(p, []) for p in self._states}
-            outcomes, counted = process_batch(self._states, records, wall_ms, self._runtime)
+            outcomes, counted = process_batch(self._states, records, self._runtime)
             offsets = counted_offsets(counted, records)
             outboxes = {
                 p: (o, Outbox.of(o, records[p], offsets.get(p, set())))
@@ -364,7 +384,7 @@ class PartitionWorker:
             for outcome, _box in outboxes.values():
                 self._pending.extend(outcome.closed)
         if not outboxes:
-            self._note_sealed(wall_ms)
+            self._note_sealed()
             return []
         saved = self._checkpoint(store, {p: box for p, (_o, box) in outboxes.items()})
         self._maybe_crash("before_sink")
@@ -385,21 +405,17 @@ class PartitionWorker:
                 s.rejected += len(outcome.rejected)
                 s.filtered += outcome.filtered
                 s.alerts += len(outcome.alerts)
-        self._note_sealed(wall_ms)
+        self._note_sealed()
         return sorted(saved)
 
-    def _note_sealed(self, wall_ms: int) -> None:
-        """Record each partition's watermark now that every event below it is written.
-
-        A partition that has seen no event yet has no watermark; it follows the wall
-        clock (less the allowed lateness), as an idle partition's does.
-        """
-        lateness = self._config.processing.allowed_lateness_ms
+    def _note_sealed(self) -> None:
+        """Record each partition's lowest watermark now that every event below it is
+        written. A partition has none before its first record or confirmed idle spell."""
         with self._lock:
-            self._sealed = {
-                p: st.watermark.floor if st.watermark.floor is not None else wall_ms - lateness
-                for p, st in self._states.items()
-            }
+            for p, st in self._states.items():
+                low = st.watermark.low()
+                if low is not None:
+                    self._sealed[p] = max(low, self._sealed.get(p, low))
 
     def sealed_watermark(self) -> int | None:
         """The lowest watermark of this worker's partitions whose events are all written.
@@ -533,11 +549,18 @@ class PartitionWorker:
     def _recover(
         self, consumer: Any, store: CheckpointStore, producer: Producer
     ) -> dict[int, PartitionState]:
-        """Each owned partition's state: from its snapshot, or new at the committed offset."""
+        """Each owned partition's state: from its snapshot, or new at the committed offset.
+
+        A snapshot that does not fit the offsets the partition holds now (the topic was
+        recreated, truncated, or retention passed it) is dealt with by
+        ``core.checkpoint_policy`` and reported in the log and the stats; the topic id
+        the partitions' states belong to is recorded beside their checkpoints.
+        """
         cfg = self._config
         states: dict[int, PartitionState] = {}
         with self._lock:
             self._pending.clear()
+        current_id = topic_id(cfg.bootstrap, cfg.topic)
         for partition in self._assignment.partitions:
             saved = self._retry(partial(store.load, cfg.topic, partition))
             if saved is None:
@@ -550,17 +573,77 @@ class PartitionWorker:
                 self._give_up(partition, f"partition {partition} belongs to epoch {epoch}")
                 continue
             data = orjson.loads(blob)
-            state = PartitionState.restore(cfg.processing, data["snapshot"], self._runtime)
+            snapshot = data["snapshot"]
             box = Outbox.from_json(data["outbox"])
-            start = min(data["snapshot"]["dedup_from"], box.raw[0] if box.raw else 2**62)
-            replayed = self._replay(consumer, partition, start, state.next_offset)
+            low, high = self._retry(partial(self._offsets, consumer, partition))
+            decision = self._decide(
+                OffsetCheck(
+                    partition,
+                    snapshot["next_offset"],
+                    min(snapshot["dedup_from"], box.raw[0] if box.raw else 2**62),
+                    low,
+                    high,
+                    self._retry(partial(store.topic_id, cfg.topic, partition)),
+                    current_id,
+                )
+            )
+            if decision.action is Action.RESET:
+                fresh = self._reset(store, partition, decision.start_offset)
+                if fresh is not None:
+                    states[partition] = fresh
+                continue
+            state = PartitionState.restore(cfg.processing, snapshot, self._runtime)
+            state.next_offset = decision.start_offset
+            replayed = self._replay(consumer, partition, decision.replay_from, state.next_offset)
             self._apply({partition: box}, producer, self._replayed_events(partition, box, replayed))
             state.rebuild_dedup(
-                [r for r in replayed if r.offset >= data["snapshot"]["dedup_from"]],
-                self._runtime.avro,
+                [r for r in replayed if r.offset >= snapshot["dedup_from"]], self._runtime.avro
             )
             states[partition] = state
+        if current_id is not None and states:
+            self._retry(partial(store.record_topic_id, cfg.topic, sorted(states), current_id))
         return states
+
+    def _decide(self, check: OffsetCheck) -> Decision:
+        """The policy's decision for one partition; anything but resuming is reported."""
+        decision = decide(check)
+        if decision.reported:
+            worker = self._assignment.worker
+            log.warning("worker %s: %s (action %s)", worker, decision.reason, decision.action)
+            at = datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")
+            with self._lock:
+                reports = self._stats.checkpoint_resets
+                reports.append(decision.report(check, at))
+                del reports[:-CHECKPOINT_REPORTS_KEPT]
+        return decision
+
+    def _reset(self, store: CheckpointStore, partition: int, start: int) -> PartitionState | None:
+        """A fresh state at ``start``, saved at once: a restart before the first batch
+        must not find the discarded snapshot again. None when a newer epoch owns it."""
+        state = PartitionState(partition, self._config.processing, start)
+        blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": Outbox().to_json()})
+        epoch = self._assignment.epoch
+        saved = self._retry(
+            partial(store.save, self._config.topic, epoch, {partition: (start, blob)})
+        )
+        if partition not in saved:
+            self._give_up(
+                partition, f"partition {partition} belongs to an epoch newer than {epoch}"
+            )
+            return None
+        return state
+
+    def _offsets(self, consumer: Any, partition: int) -> tuple[int, int]:
+        """The partition's (low, high) offsets as the broker has them now."""
+        tp = TopicPartition(self._config.topic, partition)
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+        except KafkaException as exc:
+            raise StoreUnavailable(
+                f"Kafka did not report the offsets of {self._config.topic!r} "
+                f"partition {partition}: {exc}"
+            ) from exc
+        return int(low), int(high)
 
     def _replayed_events(
         self, partition: int, box: Outbox, replayed: Sequence[RecordRef]
@@ -583,15 +666,26 @@ class PartitionWorker:
         return raw_event_rows(table, {partition: refs}, {partition})
 
     def _start_offset(self, consumer: Any, partition: int) -> int:
+        """Where a partition with no snapshot starts: its committed offset when the
+        partition still holds it (see ``core.checkpoint_policy``), else its low offset."""
         tp = TopicPartition(self._config.topic, partition)
         (committed,) = consumer.committed([tp], timeout=30)
-        if committed.offset != OFFSET_INVALID and committed.offset >= 0:
-            return int(committed.offset)
-        low, _high = consumer.get_watermark_offsets(tp, timeout=10)
-        return int(low)
+        low, high = self._retry(partial(self._offsets, consumer, partition))
+        if committed.offset == OFFSET_INVALID or committed.offset < 0:
+            return low
+        offset = int(committed.offset)
+        check = OffsetCheck(partition, offset, offset, low, high, has_state=False)
+        return self._decide(check).start_offset
 
     def _replay(self, consumer: Any, partition: int, start: int, end: int) -> list[RecordRef]:
-        """The records of ``partition`` in [start, end), read again from Kafka."""
+        """The records of ``partition`` in [start, end) that it still holds, read again.
+
+        The range is cut to the partition's offsets first, and again whenever a poll
+        comes back empty: a topic truncated or recreated meanwhile ends the replay
+        instead of leaving it waiting for offsets that will never come.
+        """
+        low, high = self._retry(partial(self._offsets, consumer, partition))
+        start, end = max(start, low), min(end, high)
         if start >= end:
             return []
         tp = TopicPartition(self._config.topic, partition, start)
@@ -601,17 +695,23 @@ class PartitionWorker:
         while consumer.position([tp])[0].offset < end:
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"re-reading partition {partition} from {start} timed out")
-            for msg in consumer.consume(self._config.batch_max_records, 1.0):
+            messages = consumer.consume(self._config.batch_max_records, 1.0)
+            for msg in messages:
                 if msg.error() is None and msg.offset() < end:
                     records.append(RecordRef(msg.offset(), msg.key(), msg.value()))
+            if not messages:  # nothing came: the partition may have been cut meanwhile
+                end = min(end, self._offsets(consumer, partition)[1])
         consumer.unassign()
         return records
 
     def _refresh_lag(self, consumer: Any) -> None:
-        lag = {}
+        """Ask the broker how far each partition goes: the lag, and whether the worker
+        has read everything there is (what lets an idle partition's watermark move)."""
+        lag, ends = {}, {}
         with self._lock:
             positions = {p: s.next_offset for p, s in self._states.items()}
         for partition, position in positions.items():
+            asked_at = int(self._clock() * 1000)  # before asking: the answer holds then
             try:
                 _low, high = consumer.get_watermark_offsets(
                     TopicPartition(self._config.topic, partition), timeout=1, cached=False
@@ -619,8 +719,17 @@ class PartitionWorker:
             except KafkaException:
                 continue
             lag[partition] = max(high - position, 0)
+            ends[partition] = (high <= position, asked_at)
         with self._lock:
             self._stats.lag = lag
+            for partition, (at_end, asked_at) in ends.items():
+                state = self._states.get(partition)
+                if state is None:
+                    continue
+                if at_end:
+                    state.watermark.at_end(asked_at)
+                else:
+                    state.watermark.not_at_end()
 
 
 def counted_offsets(

@@ -88,9 +88,7 @@ def ensure_topics(bootstrap: str, topics: Sequence[TopicSpec], timeout: float = 
         if t.name in existing and t.config
     ]
     if configured:
-        futures.update(
-            {str(r): f for r, f in client.incremental_alter_configs(configured).items()}
-        )
+        futures.update({str(r): f for r, f in client.incremental_alter_configs(configured).items()})
     for name, future in futures.items():
         try:
             future.result(timeout)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -273,6 +273,22 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        # The Kafka topic id each partition's checkpoint was taken on: a topic deleted
+        # and created again keeps its name but gets a new id, and its offsets start
+        # over (docs/architecture.md, "Checkpoints that no longer fit the topic"). A table
+        # of its own, so that checkpoints saved before it stay readable as they are.
+        """
+        CREATE TABLE IF NOT EXISTS partition_topic_ids (
+            topic text NOT NULL,
+            partition integer NOT NULL,
+            topic_id text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (topic, partition)
+        );
+        """,
+    ),
 )
 
 
@@ -434,6 +450,29 @@ class CheckpointStore(_Connection):
             in_flight=in_flight,
         )
         return {int(r["partition"]) for r in rows}
+
+    def topic_id(self, topic: str, partition: int) -> str | None:
+        """The topic id the partition's checkpoint was taken on; None when not recorded
+        (a checkpoint older than topic ids, or none yet)."""
+        row: Any = self._call(
+            "SELECT topic_id FROM partition_topic_ids WHERE topic = $1 AND partition = $2",
+            topic,
+            partition,
+        )
+        return None if row is None else str(row["topic_id"])
+
+    def record_topic_id(self, topic: str, partitions: Sequence[int], topic_id: str) -> None:
+        """Note that the partitions' checkpoints belong to the topic with ``topic_id``."""
+        self._call(
+            "INSERT INTO partition_topic_ids (topic, partition, topic_id) "
+            "SELECT $1, p, $3 FROM unnest($2::integer[]) AS t(p) "
+            "ON CONFLICT (topic, partition) DO UPDATE SET topic_id = EXCLUDED.topic_id, "
+            "updated_at = now() WHERE partition_topic_ids.topic_id <> EXCLUDED.topic_id",
+            topic,
+            list(partitions),
+            topic_id,
+            fetch="execute",
+        )
 
 
 class MetadataStore(_Connection):

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cluster.cli_cdc import cdc_app
@@ -88,7 +89,9 @@ def up(
 
     Safe to run again: running services and deployed apps are kept. The first run
     downloads the Kafka, Kafka Connect and Debezium jars from Maven Central into the
-    cache folder.
+    cache folder. Everything else it creates lives in the state folder (see
+    `rayline down --purge`); a PostgreSQL cluster that a deleted state folder left
+    outside it is removed, and said so.
     """
     settings = _settings(ctx)
     _bring_up(settings, services_only)
@@ -100,15 +103,37 @@ def up(
 
 
 @app.command()
-def down(ctx: typer.Context) -> None:
-    """Stop everything `up` started, by PID, and check that nothing still listens."""
+def down(
+    ctx: typer.Context,
+    purge: Annotated[
+        bool,
+        typer.Option(
+            "--purge",
+            help="Then delete all local state: the state folder (data, logs, checkpoints) "
+            "and the folders the stack keeps outside it (PostgreSQL's cluster under "
+            "/var/tmp when its user cannot reach the state folder, Ray's temp folder "
+            "under /tmp when the state folder's path is too long). The next `up` starts "
+            "empty. The download cache stays.",
+        ),
+    ] = False,
+) -> None:
+    """Stop everything `up` started, by PID, and check that nothing still listens.
+
+    With --purge, also delete everything `up` created, wherever it lives, so that the
+    next `up` starts from nothing (what `make clean` does).
+    """
     stack = _stack(_settings(ctx))
     stopped = stack.down()
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
     left = stack.listening_ports()
     if left:
         err.print(f"[red]still listening on ports {left}[/red]: find the owner with `ss -ltnp`")
+        if purge:
+            err.print("nothing was deleted: stop those programs, then run `down --purge` again")
         raise typer.Exit(1)
+    if purge:
+        removed = stack.purge()
+        console.print(f"deleted: {', '.join(map(str, removed)) if removed else 'nothing was left'}")
 
 
 def _status_data(settings: Settings) -> dict[str, Any]:
@@ -129,6 +154,7 @@ def _status_data(settings: Settings) -> dict[str, Any]:
                 actors = actors_status(settings)
     return {
         "services": services,
+        "local_state": stack.local_state(),
         "pipeline": pipeline,
         "sources": _source_stats(settings),
         **actors,
@@ -199,6 +225,17 @@ def _print_actors(data: dict[str, Any]) -> None:
     )
 
 
+def _print_checkpoint_resets(workers: list[dict[str, Any]]) -> None:
+    """Each checkpoint that did not fit its topic's offsets, and what the worker did
+    (docs/architecture.md, "Checkpoints that no longer fit the topic")."""
+    for w in workers:
+        for r in w.get("checkpoint_resets", []):
+            console.print(
+                f"[yellow]checkpoint {r['action']}[/yellow] (worker {w['worker']}, {r['at']}): "
+                + escape(str(r["reason"]))
+            )
+
+
 def _print_status(settings: Settings) -> None:
     data = _status_data(settings)
     table = Table(title="services")
@@ -213,6 +250,9 @@ def _print_status(settings: Settings) -> None:
             str(s["pid"] or "-"),
         )
     console.print(table)
+    where = data["local_state"]
+    outside = f" and {', '.join(where['outside'])}" if where["outside"] else ""
+    console.print(f"local state: {where['folder']}{outside}")
     _print_sources(data["sources"])
     pipeline = data["pipeline"]
     if pipeline is None:
@@ -240,6 +280,7 @@ def _print_status(settings: Settings) -> None:
             (w.get("last_error") or "")[:60],
         )
     console.print(workers)
+    _print_checkpoint_resets(pipeline["workers"])
     _print_actors(data)
     s = settings
     console.print(
@@ -254,7 +295,12 @@ def status(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Show each service (state, ports, PID) and the pipeline (workers, partitions, lag)."""
+    """Show each service (state, ports, PID), where local state lives, and the pipeline
+    (workers, partitions, lag).
+
+    A worker whose checkpoint did not fit its topic's offsets (topic recreated or
+    truncated, retention passed) is listed with what it did about it.
+    """
     settings = _settings(ctx)
     if as_json:
         print(json.dumps(_status_data(settings), indent=2))
@@ -386,6 +432,11 @@ def _print_summary(
     console.print(
         f"{verdict}: sent {run.sent:,}, processed {processed:,}, lag {final['lag']}, "
         f"failed requests {run.failed_requests}"
+    )
+    console.print(
+        f"event time to Kafka's ack: p50 {run.age_quantile(0.5):.2f} s, "
+        f"p99 {run.age_quantile(0.99):.2f} s, max {run.age_quantile(1.0):.2f} s "
+        f"(allowed lateness {settings.pipeline.allowed_lateness_seconds:g} s)"
     )
     s = settings
     console.print(f"query API: {base_url(s)}/v1/query/docs (API keys: rayline keys add <tenant>)")

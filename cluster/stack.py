@@ -1,8 +1,18 @@
 """The local stack: Kafka (KRaft), PostgreSQL, Redis and a Ray head as plain processes.
 
-Everything lives under ``settings.paths.state_dir``: data, logs (``logs/``) and PID
-files (``run/``). Downloads (the Kafka jars and Maven's repository) go to
-``settings.paths.cache_dir`` so that a new clone reuses them.
+Everything lives under ``settings.paths.state_dir``: data, logs (``logs/``), PID files
+(``run/``) and Ray's temp folder (``ray/``), with two exceptions forced from outside,
+both named after the state folder and both removed by ``rayline down --purge``:
+
+- PostgreSQL's cluster, when the ``postgres`` user cannot reach the state folder (a
+  clone in a private home directory, run as root): ``/var/tmp/rayline-postgres-<digest>``,
+  named in the state folder's ``postgres.location``. Such a cluster with no pointer
+  beside a new state folder was left by a deleted one, and ``up`` removes it;
+- Ray's temp folder, when the state folder's path is too long for Ray's Unix sockets:
+  ``/tmp/rayline-ray-<digest>``.
+
+Downloads (the Kafka jars and Maven's repository) go to ``settings.paths.cache_dir``
+so that a new clone reuses them; they are a cache, not state, and ``--purge`` keeps them.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from cluster.processes import (
     ProcessSpec,
     ServiceFailed,
     Supervisor,
+    alive,
     log4j2_console,
     port_open,
 )
@@ -66,6 +77,13 @@ def _postgres_bin(name: str) -> str:
         if (bindir / name).exists():
             return str(bindir / name)
     return _need(name)
+
+
+# Where the state folder says its PostgreSQL cluster lives, when that is outside it.
+PG_POINTER = "postgres.location"
+# The longest Ray temp folder path that keeps Ray's session sockets
+# (<temp>/session_<date>_<time>_<pid>/sockets/plasma_store) within AF_UNIX's 107 bytes.
+_RAY_TEMP_MAX = 40
 
 
 def _reachable_by(user: str, folder: Path) -> bool:
@@ -114,6 +132,7 @@ class LocalStack:
                 "java",
                 f"-Xmx{k.heap}",
                 "-Xms128m",
+                "-XX:-UsePerfData",  # no /tmp/hsperfdata_<user>/<pid>
                 "-XX:+UseG1GC",
                 "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
@@ -228,6 +247,7 @@ class LocalStack:
                 "java",
                 f"-Xmx{c.heap}",
                 "-Xms128m",
+                "-XX:-UsePerfData",
                 "-XX:+UseG1GC",
                 "-Djava.awt.headless=true",
                 f"-Dlog4j2.configurationFile={home / 'log4j2.properties'}",
@@ -263,6 +283,8 @@ class LocalStack:
             # stack's own ports, which all sit above it.
             "--object-store-memory",
             str(r.object_store_mb * 1024 * 1024),
+            "--temp-dir",  # sessions, logs, sockets, spilled objects: not /tmp/ray
+            str(self._ray_temp()),
             "--disable-usage-stats",
         ]
         if r.num_cpus is not None:
@@ -388,6 +410,7 @@ class LocalStack:
         result = subprocess.run(
             [
                 "java",
+                "-XX:-UsePerfData",
                 "-cp",
                 f"{self.fetch_kafka()}/*",
                 "kafka.tools.StorageTool",
@@ -433,6 +456,17 @@ class LocalStack:
         p = self.settings.postgres
         return p.model_copy(update={"database": "postgres"}).dsn()
 
+    def _digest(self) -> str:
+        return hashlib.sha256(str(self.state).encode()).hexdigest()[:12]
+
+    def _pg_outside(self) -> Path:
+        """Where PostgreSQL's cluster goes when its user cannot reach the state folder."""
+        return Path("/var/tmp") / f"rayline-postgres-{self._digest()}"
+
+    def _ray_outside(self) -> Path:
+        """Where Ray's temp folder goes when the state folder's path is too long."""
+        return Path("/tmp") / f"rayline-ray-{self._digest()}"
+
     def _pg_root(self) -> Path:
         """Where PostgreSQL keeps its cluster: in the state folder when its user can
         reach it, else in a folder of its own under /var/tmp named after the state folder
@@ -441,18 +475,37 @@ class LocalStack:
         user = self._pg_user()
         if user is None or _reachable_by(user, self.state):
             return preferred
-        digest = hashlib.sha256(str(self.state).encode()).hexdigest()[:12]
-        return Path("/var/tmp") / f"rayline-postgres-{digest}"
+        return self._pg_outside()
+
+    def _ray_temp(self) -> Path:
+        """Ray's temp folder: ``ray/`` in the state folder when its path is short enough
+        for Ray's Unix sockets, else a folder of its own under /tmp."""
+        inside = self.state.absolute() / "ray"
+        return inside if len(str(inside)) <= _RAY_TEMP_MAX else self._ray_outside()
+
+    def outside_folders(self) -> list[Path]:
+        """The folders outside the state folder that hold this stack's data, as they
+        exist now (see the module docstring)."""
+        return [p for p in (self._pg_outside(), self._ray_outside()) if p.exists()]
 
     def _pg_data(self) -> Path:
         return self._pg_root() / "data"
 
-    def _prepare_postgres(self) -> None:
+    def prepare_postgres(self, fresh: bool = False) -> None:
+        """Create the PostgreSQL cluster unless it exists (``initdb``).
+
+        Args:
+            fresh: The state folder is new (it was missing or empty when ``up``
+                began). A cluster outside it with no pointer to it is then left over
+                from a deleted state folder, and is removed first.
+        """
+        root = self._pg_root()
+        if root != self.state / "postgres":
+            self._claim_outside_postgres(root, fresh)
         data = self._pg_data()
         if (data / "PG_VERSION").exists():
             return
         user = self._pg_user()
-        root = self._pg_root()
         root.mkdir(parents=True, exist_ok=True)
         if user is not None:
             # PostgreSQL refuses to run as root; its folder must belong to its user.
@@ -480,11 +533,37 @@ class LocalStack:
         if result.returncode != 0:
             raise ServiceFailed(f"initdb failed:\n{result.stdout}{result.stderr}")
 
+    def _claim_outside_postgres(self, root: Path, fresh: bool) -> None:
+        """Make the cluster outside the state folder the state folder's own.
+
+        One that exists while a new state folder has no pointer to it was left by a
+        deleted state folder: its checkpoints name offsets of Kafka topics that are
+        gone with it, so it is removed. Beside an existing state folder (made before
+        pointers were written) it is kept.
+        """
+        pointer = self.state / PG_POINTER
+        if fresh and not pointer.exists() and root.exists():
+            pid = _postmaster_pid(root / "data")
+            if pid is not None and alive(pid):
+                raise ServiceFailed(
+                    f"PostgreSQL (PID {pid}) still runs on {root}, a cluster left by a "
+                    f"deleted state folder; stop it (`kill -INT {pid}`), then run "
+                    "`rayline up` again"
+                )
+            self.say(
+                f"removing the PostgreSQL cluster in {root}: it was left by a deleted state "
+                "folder, and its checkpoints name offsets of Kafka topics that are gone"
+            )
+            shutil.rmtree(root)
+        self.state.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(f"{root}\n")
+
     # Lifecycle -------------------------------------------------------------------
 
     def up(self) -> list[ServiceStatus]:
         """Start every managed service that is not running and wait until all answer."""
         s = self.settings
+        fresh = not self.state.exists() or not any(self.state.iterdir())
         (self.state / "redis").mkdir(parents=True, exist_ok=True)
         specs = self.specs()
         for spec in specs:
@@ -494,7 +573,7 @@ class LocalStack:
                 self.fetch_kafka()
                 self._prepare_kafka()
             elif spec.name == "postgres":
-                self._prepare_postgres()
+                self.prepare_postgres(fresh)
             elif spec.name == "connect":
                 self._prepare_connect()
             elif spec.name == "mosquitto":
@@ -506,7 +585,13 @@ class LocalStack:
         created = kafka_adapter.ensure_topics(
             s.kafka.bootstrap,
             [
-                kafka_adapter.TopicSpec(s.kafka.raw_topic, s.kafka.raw_partitions),
+                # the broker stamps each raw event with its append time: the workers'
+                # watermarks move on it, whatever clock a producer has
+                kafka_adapter.TopicSpec(
+                    s.kafka.raw_topic,
+                    s.kafka.raw_partitions,
+                    {"message.timestamp.type": "LogAppendTime"},
+                ),
                 kafka_adapter.TopicSpec(s.kafka.dlq_topic, 1),
                 kafka_adapter.TopicSpec(s.kafka.alerts_topic, 1),
             ],
@@ -544,6 +629,28 @@ class LocalStack:
                 stopped.append(spec.name)
         return stopped
 
+    def purge(self) -> list[Path]:
+        """Remove the state folder and the folders outside it that hold this stack's
+        data; return those removed. Stop the services first (``down``).
+
+        Raises:
+            ConfigurationError: The state folder is one that must not be deleted whole
+                (``/``, the home directory, the project or a folder above them).
+        """
+        state = self.state.resolve()
+        keep = (Path(state.anchor), Path.home().resolve(), PROJECT_ROOT)
+        if any(state == k or state in k.parents for k in keep):
+            raise ConfigurationError(
+                f"refusing to delete {state}: paths.state_dir must be a folder of its own "
+                f"(the default is {PROJECT_ROOT / '.state'})"
+            )
+        removed = []
+        for folder in [*self.outside_folders(), self.state]:
+            if folder.exists():
+                shutil.rmtree(folder)
+                removed.append(folder)
+        return removed
+
     def status(self) -> list[ServiceStatus]:
         rows = []
         for spec in self.specs():
@@ -553,6 +660,18 @@ class LocalStack:
             )
         return rows
 
+    def local_state(self) -> dict[str, object]:
+        """Where this stack keeps its data: the state folder and any folder outside it."""
+        return {"folder": str(self.state), "outside": [str(p) for p in self.outside_folders()]}
+
     def listening_ports(self) -> list[int]:
         """Ports of the local stack on which something still accepts connections."""
         return [p for p in self.settings.local_ports().values() if port_open(p)]
+
+
+def _postmaster_pid(data: Path) -> int | None:
+    """The PID in a PostgreSQL data folder's ``postmaster.pid``, if any."""
+    try:
+        return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None

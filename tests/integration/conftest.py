@@ -41,22 +41,27 @@ def rayline(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Tests that stop the stack run after every other test.
-    items.sort(key=lambda item: item.get_closest_marker("stack_teardown") is not None)
+    # Tests that stop the stack run after every other test; `after_others` just before.
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("stack_teardown") is not None:
+            return 2
+        return 1 if item.get_closest_marker("after_others") is not None else 0
+
+    items.sort(key=rank)
 
 
-# The test stack allows an hour of lateness, so that tests may place events at known
-# times in the recent past (and close windows on purpose by sending a later event).
-# Tests that close windows move a partition's watermark with an event far ahead (up to
-# now + 780 s, i.e. a watermark of now - 2820 s); they keep their own events in time
-# ranges that the others' moves cannot reach (see each test). A second run within ~10
-# minutes on the same `.state` sees the first run's watermarks: `rayline down` and
-# `rm -rf .state` first (CI always starts clean).
+# The test stack runs the product's default lateness (5 s), except for tenants named
+# `t-*` and `al-*` (the `tenant` fixture's, the alerting tests'), which are allowed an
+# hour, so that tests may place their events at known times in the recent past. Each
+# tenant has watermarks of its own, so no test's events make another's late. Tests that
+# need windows closed use a `live_tenant` with the default lateness, stamp their events
+# now, and wait for the watermark (a minute at most). Rollups seal no minute before an
+# hour has passed (the largest lateness), so alerting tests seal minutes on purpose.
 # Enrichment, group-by, a filter transform and quick reloads are on too: they touch only
 # events whose entities are in `dim_devices` or whose type is `debug`. The aggregate
 # tables are grouped by the attribute `region`.
 STACK_ENV = {
-    "RAYLINE_PIPELINE__ALLOWED_LATENESS_SECONDS": "3600",
+    "RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT": '{"t-*": 3600, "al-*": 3600}',
     "RAYLINE_PIPELINE__ENRICHMENT": orjson.dumps(
         [{"table": "dim_devices", "key": "device", "on": "entity", "columns": ["site"]}]
     ).decode(),
@@ -193,14 +198,28 @@ def http(stack: Settings, platform_key: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def tenant() -> str:
+    """A new tenant allowed an hour of lateness (see STACK_ENV)."""
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture
+def live_tenant() -> str:
+    """A new tenant with the default lateness: its windows close soon after real time."""
+    return f"live-{uuid.uuid4().hex[:12]}"
+
+
 def eventually(probe: Callable[[], T], done: Callable[[T], bool], timeout: float = 60) -> T:
-    """Call ``probe`` until ``done`` holds for its value; return the last value."""
+    """Call ``probe`` until ``done`` holds for its value, and return that value.
+
+    Raises:
+        AssertionError: ``done`` still did not hold after ``timeout`` seconds; the
+            message shows the last value seen.
+    """
     deadline = time.monotonic() + timeout
     value = probe()
-    while not done(value) and time.monotonic() < deadline:
+    while not done(value):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not done after {timeout} s; last value: {value!r:.2000}")
         time.sleep(0.3)
         value = probe()
     return value
