@@ -44,8 +44,8 @@ lint: setup  ## ruff and mypy over the code and the tests
 unit: setup  ## pure-logic tests: no Ray, no servers
 	$(BIN)/pytest tests/unit -q
 
-integration: setup  ## tests against the real local stack (started and stopped here)
-	$(BIN)/pytest tests/integration -q; status=$$?; $(BIN)/rayline down >/dev/null 2>&1 || true; exit $$status
+integration: setup  ## tests and the attack suite against the real local stack (started and stopped here)
+	$(BIN)/pytest tests/integration tests/security -q; status=$$?; $(BIN)/rayline down >/dev/null 2>&1 || true; exit $$status
 
 test: lint unit integration  ## everything CI runs
 

@@ -62,6 +62,7 @@ class Soak:
         self.settings, self.seconds, self.rate = settings, minutes * 60, rate
         self.run = demo.DemoRun()
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.faults: list[tuple[float, str]] = []
         self.latencies: list[float] = []
         self.rss: dict[int, list[tuple[float, float]]] = {}
@@ -172,12 +173,16 @@ class Soak:
         return {"status": status}
 
 
-def dead_letters(settings: Settings, start: dict[int, int], tag: str) -> Counter[str]:
-    """Dead letters of this run's tenants since ``start``, by reason."""
+def dead_letters(
+    settings: Settings, start: dict[int, int], tag: str, t0: float
+) -> tuple[Counter[str], Counter[int]]:
+    """Dead letters of this run's tenants since ``start``, by reason; and the late ones
+    by when the edge received them (30 s buckets from ``t0``), to tell which fault."""
     consumer = make_consumer(settings.kafka.bootstrap, f"soak-{uuid.uuid4()}")
     end = end_offsets(settings.kafka.bootstrap, settings.kafka.dlq_topic)
     consumer.assign([TopicPartition(settings.kafka.dlq_topic, p, o) for p, o in start.items()])
     reasons: Counter[str] = Counter()
+    late_at: Counter[int] = Counter()
     remaining = sum(end.get(p, 0) - o for p, o in start.items())
     deadline = time.monotonic() + 60
     while remaining > 0 and time.monotonic() < deadline:
@@ -185,17 +190,22 @@ def dead_letters(settings: Settings, start: dict[int, int], tag: str) -> Counter
             if m.error() is not None:
                 continue
             remaining -= 1
-            tenant = str(orjson.loads(m.value() or b"{}").get("tenant", ""))
-            if tenant.endswith(tag):
+            record = orjson.loads(m.value() or b"{}")
+            if str(record.get("tenant", "")).endswith(tag):
                 reason = dict(m.headers() or []).get("reason") or b"?"
                 text = reason.decode() if isinstance(reason, bytes) else str(reason)
                 reasons[text[:40]] += 1
+                if text == "late":
+                    late_at[int((record.get("received_at", 0) / 1000 - t0) // 30 * 30)] += 1
     consumer.close()
-    return reasons
+    return reasons, late_at
 
 
 def report(
-    soak: Soak, rows: list[tuple[str, str, int, int, int, float]], dlq: Counter[str]
+    soak: Soak,
+    rows: list[tuple[str, str, int, int, int, float]],
+    dlq: Counter[str],
+    late_at: Counter[int],
 ) -> bool:
     sent = sum(r[2] for r in rows)
     counted = sum(r[3] for r in rows)
@@ -206,6 +216,9 @@ def report(
           f"{'every event counted' if ok else 'COUNTS DO NOT ADD UP'}")  # fmt: skip
     print(f"failed / retried requests: {soak.run.failed_requests} / {soak.run.retried_requests}")
     print(f"dead-lettered by reason: {dict(dlq) or 'none'}")
+    if late_at:
+        spells = ", ".join(f"{at}-{at + 30} s: {n:,}" for at, n in sorted(late_at.items()))
+        print(f"late, by when the edge received them: {spells}")
     lat = sorted(soak.latencies)
     if lat:
         p99 = lat[min(int(0.99 * len(lat)), len(lat) - 1)]
@@ -233,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         soak = Soak(settings, args.minutes, args.rate)
         asyncio.run(soak.main())
     rows = demo.check_counts(settings, soak.run)
-    return 0 if report(soak, rows, dead_letters(settings, start, soak.run.tag)) else 1
+    dlq, late_at = dead_letters(settings, start, soak.run.tag, soak.started_wall)
+    return 0 if report(soak, rows, dlq, late_at) else 1
 
 
 if __name__ == "__main__":
