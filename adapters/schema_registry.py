@@ -4,6 +4,8 @@ It shares its tables with the pipeline (``adapters.postgres.MetadataStore`` and 
 ``rayline schemas`` commands): ``schemas`` holds each schema once, under one global id,
 found by its fingerprint; ``subject_versions`` lists a subject's versions of ids;
 ``subject_config`` holds compatibility levels, the global one under subject ``''``.
+It reads the ``sources`` table too (:meth:`SchemaRegistryStore.source_owners`): which
+tenant owns a source decides which tenant may write its subjects.
 
 Registration is one transaction that first takes an advisory lock on the subject
 (``pg_advisory_xact_lock(hashtext(subject))``), so that two registrations under one
@@ -228,6 +230,17 @@ class SchemaRegistryStore:
                 schema_id,
             )
         return [(str(r["subject"]), int(r["version"])) for r in rows]
+
+    async def source_owners(self, names: Sequence[str]) -> dict[str, str | None]:
+        """The tenant of each of the sources ``names`` that exists (None: a source
+        without a tenant, shared by all); the registry scopes subjects by them."""
+        if not names:
+            return {}
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT name, tenant FROM sources WHERE name = ANY($1::text[])", list(set(names))
+            )
+        return {str(r["name"]): None if r["tenant"] is None else str(r["tenant"]) for r in rows}
 
     # Deleting --------------------------------------------------------------------------
 

@@ -49,7 +49,15 @@ class ApiKeys:
         Raises:
             AuthFailed: 401 when the key is missing or unknown, 403 when revoked.
         """
-        key = presented_key(request)
+        return await self.tenant_of_key(presented_key(request))
+
+    async def tenant_of_key(self, key: str | None) -> str:
+        """The tenant of ``key``, however the request carried it (the schema registry
+        also takes it from HTTP basic auth).
+
+        Raises:
+            AuthFailed: 401 when the key is missing or unknown, 403 when revoked.
+        """
         if key is None:
             raise AuthFailed(
                 401, "no API key: send `Authorization: Bearer <key>` (see `rayline tenants add`)"

@@ -13,15 +13,27 @@ by ``core.avro_compat`` under the subject's level, else the global one, else
 ``core.avro.fingerprint`` (Parsing Canonical Form plus logical types and defaults), so
 the same schema spelt differently gets the same id.
 
-Errors are Confluent's: ``{"error_code": ..., "message": ...}`` with 40401 (subject
-not found), 40402 (version not found), 40403 (schema not found), 40408 (no
+Every request needs a Rayline API key (:class:`serve_apps.auth.ApiKeys`): HTTP basic
+auth ``<tenant>:<key>`` (what Confluent clients send for ``basic.auth.user.info``; the
+user part may be empty, else it must be the key's tenant, ``*`` for the platform key),
+``Authorization: Bearer <key>`` or ``X-API-Key``. A tenant key reads and writes only
+the subjects of its own sources and reads those of shared ones
+(:mod:`core.subject_scope`); deleting and changing compatibility levels take the
+platform key (``*``). Schemas by id are visible to a tenant key only through a subject
+it may read.
+
+Errors are Confluent's: ``{"error_code": ..., "message": ...}`` with 40101 (no or bad
+credentials, with ``WWW-Authenticate``), 40301 (the key may not do this), 40401
+(subject not found), 40402 (version not found), 40403 (schema not found), 40408 (no
 subject-level compatibility), 42201 (invalid schema), 42202 (invalid version), 42203
-(invalid compatibility level), 409 (incompatible schema), 50001 (store error); and 400
-(malformed JSON), 413 (body over the limit), 415 (not JSON).
+(invalid compatibility level), 42208 (invalid subject name), 409 (incompatible
+schema), 50001 (store error); and 400 (malformed JSON), 413 (body over the limit), 415
+(not JSON).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves handler annotations at
 # run time, and inside Serve's ingress wrapper postponed ones are not found.
+import base64
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +41,7 @@ from typing import Any
 
 import fastavro
 import orjson
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -37,9 +49,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.exceptions import StoreUnavailable
 from adapters.schema_registry import GLOBAL, Incompatible, SchemaRegistryStore, SubjectVersion
+from adapters.sources import SourceCatalog
 from core.avro import AvroError, fingerprint
 from core.avro_compat import LEVELS, compatible
 from core.exceptions import ConfigurationError
+from core.subject_scope import Access, access, candidate_sources, subject_problem
+from serve_apps.auth import ALL_TENANTS, ApiKeys, AuthFailed, presented_key
 from serve_apps.http import BodyTooLarge, read_body
 
 MEDIA_TYPE = "application/vnd.schemaregistry.v1+json"
@@ -50,6 +65,9 @@ _ACCEPTED_TYPES = (
     "application/octet-stream",
 )
 _MAX_VERSION = 2**31 - 1
+REALM = "rayline-registry"
+"""The basic-auth realm named in ``WWW-Authenticate`` on every 401."""
+_MAX_CREDENTIALS_CHARS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +78,16 @@ class RegistryConfig:
         dsn: PostgreSQL DSN of Rayline's database (migrated: tables of migrations 2, 3).
         default_compatibility: the level used when neither the subject nor the global
             configuration sets one.
+        default_source: the source of ``POST /v1/events`` events that name none
+            (``serve.default_source``); it carries every tenant's events, so its
+            subjects are the platform's whatever the source catalog says.
         max_body_bytes: the largest request body; larger ones get 413.
         pool_max_size: PostgreSQL connections per replica.
     """
 
     dsn: str
     default_compatibility: str = "BACKWARD"
+    default_source: str = "api"
     max_body_bytes: int = 1 << 20
     pool_max_size: int = 4
 
@@ -82,11 +104,14 @@ class RegistryJSONResponse(JSONResponse):
 class RegistryError(Exception):
     """An answer in Confluent's error shape."""
 
-    def __init__(self, status: int, error_code: int, message: str) -> None:
+    def __init__(
+        self, status: int, error_code: int, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_code = error_code
         self.message = message
+        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +123,27 @@ class _Candidate:
     fingerprint: str
 
 
-class _Registry:
-    """The app's state: the store and the configuration."""
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """Who a request comes from: the tenant of its key (``*``: the platform)."""
 
-    def __init__(self, config: RegistryConfig, store: SchemaRegistryStore) -> None:
+    tenant: str
+
+    @property
+    def platform(self) -> bool:
+        return self.tenant == ALL_TENANTS
+
+
+class _Registry:
+    """The app's state: the store, the API keys and the configuration."""
+
+    def __init__(
+        self, config: RegistryConfig, store: SchemaRegistryStore, catalog: SourceCatalog
+    ) -> None:
         self.config = config
         self.store = store
+        self.catalog = catalog
+        self.keys = ApiKeys(config.dsn, catalog)
 
     async def level(self, subject: str) -> str:
         return await self.store.effective_level(subject, self.config.default_compatibility)
@@ -119,18 +159,25 @@ def create_app(config: RegistryConfig) -> FastAPI:
             f"default_compatibility {config.default_compatibility!r} is not a compatibility "
             f"level: expected one of {', '.join(LEVELS)}"
         )
-    registry = _Registry(config, SchemaRegistryStore(config.dsn, max_size=config.pool_max_size))
+    registry = _Registry(
+        config,
+        SchemaRegistryStore(config.dsn, max_size=config.pool_max_size),
+        SourceCatalog(config.dsn, max_size=2),
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         await registry.store.close()
+        await registry.catalog.close()
 
     app = FastAPI(
         title="Rayline schema registry",
         description="The Confluent Schema Registry REST API (Avro), stored in PostgreSQL.",
         default_response_class=RegistryJSONResponse,
         lifespan=lifespan,
+        # No redirect from `/subjects/a%2F` to `/subjects/a`: that is another subject.
+        redirect_slashes=False,
     )
     app.state.registry = registry
     app.add_exception_handler(RegistryError, _registry_error)
@@ -153,13 +200,15 @@ class SchemaRegistryAPI:
         return create_app(self._config)
 
 
-def _error(status: int, error_code: int, message: str) -> RegistryJSONResponse:
-    return RegistryJSONResponse({"error_code": error_code, "message": message}, status)
+def _error(
+    status: int, error_code: int, message: str, headers: dict[str, str] | None = None
+) -> RegistryJSONResponse:
+    return RegistryJSONResponse({"error_code": error_code, "message": message}, status, headers)
 
 
 async def _registry_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RegistryError)
-    return _error(exc.status, exc.error_code, exc.message)
+    return _error(exc.status, exc.error_code, exc.message, exc.headers)
 
 
 async def _store_error(_request: Request, exc: Exception) -> Response:
@@ -183,6 +232,137 @@ def _registry(request: Request) -> _Registry:
     registry = request.app.state.registry
     assert isinstance(registry, _Registry)
     return registry
+
+
+# ----------------------------------------------------------------------- who may do what
+
+_HOW_TO_AUTHENTICATE = (
+    "send your Rayline API key as HTTP basic auth `<tenant>:<key>` (Confluent clients: "
+    '"basic.auth.user.info"), as `Authorization: Bearer <key>` or as `X-API-Key`; '
+    "`rayline keys add <tenant>` makes one"
+)
+
+
+def _unauthorized(message: str) -> RegistryError:
+    challenge = {"WWW-Authenticate": f'Basic realm="{REALM}"'}
+    return RegistryError(401, 40101, message, challenge)
+
+
+def _forbidden(message: str) -> RegistryError:
+    return RegistryError(403, 40301, message)
+
+
+def _credentials(request: Request) -> tuple[str | None, str | None]:
+    """(the basic-auth user, or None without basic auth; the key, or None)."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() == "basic":
+            return _basic(value.strip())
+    return None, presented_key(request)
+
+
+def _basic(value: str) -> tuple[str, str]:
+    if len(value) > _MAX_CREDENTIALS_CHARS:
+        raise _unauthorized(
+            f"basic credentials of {len(value)} characters are not a Rayline key "
+            f"(at most {_MAX_CREDENTIALS_CHARS}); {_HOW_TO_AUTHENTICATE}"
+        )
+    try:
+        user, colon, key = base64.b64decode(value, validate=True).decode().partition(":")
+    except ValueError:  # not base64, or not UTF-8 underneath
+        raise _unauthorized(
+            f"malformed basic credentials: expected base64 of `<tenant>:<key>`; "
+            f"{_HOW_TO_AUTHENTICATE}"
+        ) from None
+    if not colon or not key:
+        raise _unauthorized(
+            "the basic credentials carry no key: the user part is the tenant (or empty), "
+            f"the password part the key; {_HOW_TO_AUTHENTICATE}"
+        )
+    return user, key
+
+
+async def _authenticate(request: Request) -> None:
+    """Every route's first step: the caller's tenant from its key, or 401/403."""
+    user, key = _credentials(request)
+    if key is None:
+        raise _unauthorized(f"no API key: {_HOW_TO_AUTHENTICATE}")
+    try:
+        tenant = await _registry(request).keys.tenant_of_key(key)
+    except AuthFailed as exc:
+        if exc.status == 401:
+            raise _unauthorized(f"{exc}; {_HOW_TO_AUTHENTICATE}") from None
+        raise _forbidden(str(exc)) from None
+    # The user part is not a credential; a wrong one means a client set up for another
+    # tenant than its key's, which is better said now than found out from a 403 later.
+    if user and user != tenant:
+        raise _unauthorized(
+            f"the basic-auth user {user[:64]!r} is not the tenant of this key: send "
+            f"`{tenant}:<key>`, or an empty user (`:<key>`)"
+        )
+    request.state.caller = _Caller(tenant)
+
+
+def _caller(request: Request) -> _Caller:
+    caller = request.state.caller
+    assert isinstance(caller, _Caller)
+    return caller
+
+
+def _check_subject(subject: str) -> None:
+    problem = subject_problem(subject)
+    if problem is not None:
+        raise RegistryError(422, 42208, f"Invalid subject {subject[:64]!r}: {problem}")
+
+
+async def _allow(request: Request, subject: str, needed: Access) -> None:
+    """Go on when the caller may read (or write) ``subject``; else 403."""
+    _check_subject(subject)
+    caller = _caller(request)
+    if caller.platform:
+        return
+    if await _access(request, caller, subject) >= needed:
+        return
+    if needed == Access.WRITE:
+        raise _forbidden(
+            f"tenant {caller.tenant!r} may not write subject '{subject}': a tenant key "
+            "writes `<source>.<type>` subjects of its own sources only; the subjects of "
+            f"shared sources (such as the default source "
+            f"'{_registry(request).config.default_source}'), of other tenants' sources "
+            "and of no source are the platform's"
+        )
+    raise _forbidden(
+        f"tenant {caller.tenant!r} may not read subject '{subject}': a tenant key reads "
+        "`<source>.<type>` subjects of its own sources and of shared sources only"
+    )
+
+
+async def _access(request: Request, caller: _Caller, subject: str) -> Access:
+    registry = _registry(request)
+    owners = await registry.store.source_owners(candidate_sources(subject))
+    return access(subject, caller.tenant, owners, (registry.config.default_source,))
+
+
+async def _readable(request: Request, subjects: list[str]) -> list[str]:
+    """The ``subjects`` the caller may read, in their order."""
+    caller = _caller(request)
+    if caller.platform:
+        return subjects
+    registry = _registry(request)
+    names = sorted({source for s in subjects for source in candidate_sources(s)})
+    owners = await registry.store.source_owners(names)
+    shared = (registry.config.default_source,)
+    return [s for s in subjects if access(s, caller.tenant, owners, shared) >= Access.READ]
+
+
+def _platform_only(request: Request, what: str) -> None:
+    caller = _caller(request)
+    if not caller.platform:
+        raise _forbidden(
+            f"{what} takes the platform key ('*'), not a key of tenant {caller.tenant!r}: "
+            "deletions and compatibility levels are the platform's to change"
+        )
 
 
 # ----------------------------------------------------------------------------- requests
@@ -250,12 +430,19 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _number(text: str) -> int | None:
+    """``text`` as a non-negative number of at most 10 ASCII digits, else None
+    (``str.isdigit`` also passes digits such as ``²`` that ``int`` refuses)."""
+    return int(text) if len(text) <= 10 and text.isascii() and text.isdigit() else None
+
+
 def _version(text: str) -> int | None:
     """A version in a path: a number from 1, or ``latest`` / ``-1`` (None)."""
     if text in ("latest", "-1"):
         return None
-    if text.isdigit() and 1 <= int(text) <= _MAX_VERSION:
-        return int(text)
+    number = _number(text)
+    if number is not None and 1 <= number <= _MAX_VERSION:
+        return number
     raise RegistryError(
         422,
         42202,
@@ -265,8 +452,9 @@ def _version(text: str) -> int | None:
 
 
 def _schema_id(text: str) -> int:
-    if text.isdigit() and int(text) <= 2**31 - 1:
-        return int(text)
+    number = _number(text)
+    if number is not None and number <= 2**31 - 1:
+        return number
     raise RegistryError(404, 40403, f"Schema {text} not found: schema ids are positive integers")
 
 
@@ -306,14 +494,20 @@ def _checker(candidate: _Candidate) -> Any:
             return [
                 f"the stored compatibility level {level!r} is unknown: set one with PUT /config"
             ]
-        return compatible(level, candidate.value, [orjson.loads(t) for t in texts])
+        try:
+            return compatible(level, candidate.value, [orjson.loads(t) for t in texts])
+        except RecursionError:
+            raise RegistryError(
+                422, 42201, "Invalid schema: nested too deeply to check its compatibility"
+            ) from None
 
     return check
 
 
 # ------------------------------------------------------------------------------- routes
 
-_router = APIRouter()
+# Every route needs a key: nothing can be added here that skips it.
+_router = APIRouter(dependencies=[Depends(_authenticate)])
 
 
 @_router.get("/")
@@ -323,11 +517,12 @@ async def root() -> Any:
 
 @_router.get("/subjects")
 async def list_subjects(request: Request) -> Any:
-    return await _registry(request).store.subjects()
+    return await _readable(request, await _registry(request).store.subjects())
 
 
 @_router.get("/subjects/{subject}/versions")
 async def list_versions(request: Request, subject: str) -> Any:
+    await _allow(request, subject, Access.READ)
     versions = await _registry(request).store.versions(subject)
     if not versions:
         raise _subject_not_found(subject)
@@ -336,6 +531,7 @@ async def list_versions(request: Request, subject: str) -> Any:
 
 @_router.post("/subjects/{subject}/versions")
 async def register(request: Request, subject: str) -> Any:
+    await _allow(request, subject, Access.WRITE)
     registry = _registry(request)
     candidate = _candidate(await _json_body(request, registry.config.max_body_bytes))
     try:
@@ -358,6 +554,7 @@ async def register(request: Request, subject: str) -> Any:
 
 @_router.post("/subjects/{subject}")
 async def lookup(request: Request, subject: str) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     candidate = _candidate(await _json_body(request, registry.config.max_body_bytes))
     found = await registry.store.lookup(subject, candidate.fingerprint)
@@ -366,6 +563,8 @@ async def lookup(request: Request, subject: str) -> Any:
 
 @_router.delete("/subjects/{subject}")
 async def delete_subject(request: Request, subject: str) -> Any:
+    _platform_only(request, "deleting a subject")
+    _check_subject(subject)
     deleted = await _registry(request).store.delete_subject(subject)
     if not deleted:
         raise _subject_not_found(subject)
@@ -374,6 +573,7 @@ async def delete_subject(request: Request, subject: str) -> Any:
 
 @_router.get("/subjects/{subject}/versions/{version}")
 async def get_version(request: Request, subject: str, version: str) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     found = await registry.store.version(subject, _version(version))
     return _as_json(await _found(registry, subject, found, "version"))
@@ -381,6 +581,7 @@ async def get_version(request: Request, subject: str, version: str) -> Any:
 
 @_router.get("/subjects/{subject}/versions/{version}/schema")
 async def get_version_schema(request: Request, subject: str, version: str) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     found = await registry.store.version(subject, _version(version))
     sv: SubjectVersion = await _found(registry, subject, found, "version")
@@ -389,6 +590,8 @@ async def get_version_schema(request: Request, subject: str, version: str) -> An
 
 @_router.delete("/subjects/{subject}/versions/{version}")
 async def delete_version(request: Request, subject: str, version: str) -> Any:
+    _platform_only(request, "deleting a version")
+    _check_subject(subject)
     registry = _registry(request)
     deleted = await registry.store.delete_version(subject, _version(version))
     return await _found(registry, subject, deleted, "version")
@@ -401,33 +604,43 @@ async def schema_types() -> Any:
 
 @_router.get("/schemas/ids/{schema_id}")
 async def get_schema(request: Request, schema_id: str) -> Any:
-    return {"schema": await _schema_text(request, schema_id)}
+    text, _ = await _visible_schema(request, schema_id)
+    return {"schema": text}
 
 
 @_router.get("/schemas/ids/{schema_id}/schema")
 async def get_raw_schema(request: Request, schema_id: str) -> Any:
-    return Response(await _schema_text(request, schema_id), media_type=MEDIA_TYPE)
+    text, _ = await _visible_schema(request, schema_id)
+    return Response(text, media_type=MEDIA_TYPE)
 
 
 @_router.get("/schemas/ids/{schema_id}/versions")
 async def get_schema_versions(request: Request, schema_id: str) -> Any:
-    await _schema_text(request, schema_id)
-    pairs = await _registry(request).store.schema_versions(int(schema_id))
+    _, pairs = await _visible_schema(request, schema_id)
     return [{"subject": s, "version": v} for s, v in pairs]
 
 
 @_router.get("/schemas/ids/{schema_id}/subjects")
 async def get_schema_subjects(request: Request, schema_id: str) -> Any:
-    await _schema_text(request, schema_id)
-    pairs = await _registry(request).store.schema_versions(int(schema_id))
+    _, pairs = await _visible_schema(request, schema_id)
     return sorted({s for s, _ in pairs})
 
 
-async def _schema_text(request: Request, schema_id: str) -> str:
-    text = await _registry(request).store.schema(_schema_id(schema_id))
+async def _visible_schema(request: Request, schema_id: str) -> tuple[str, list[tuple[str, int]]]:
+    """The schema's text and the (subject, version) pairs holding it that the caller
+    may read. A tenant key sees a schema only through a subject it may read; to it,
+    any other id does not exist (a 404, as for an id never given out)."""
+    store = _registry(request).store
+    number = _schema_id(schema_id)
+    text = await store.schema(number)
+    pairs = [] if text is None else await store.schema_versions(number)
+    if text is not None and not _caller(request).platform:
+        readable = set(await _readable(request, sorted({s for s, _ in pairs})))
+        pairs = [(s, v) for s, v in pairs if s in readable]
+        text = text if pairs else None
     if text is None:
         raise RegistryError(404, 40403, f"Schema {schema_id} not found.")
-    return text
+    return text, pairs
 
 
 # ------------------------------------------------------------------------ configuration
@@ -442,11 +655,13 @@ async def get_global_config(request: Request) -> Any:
 
 @_router.put("/config")
 async def put_global_config(request: Request) -> Any:
+    _platform_only(request, "setting the global compatibility level")
     return await _put_level(request, GLOBAL)
 
 
 @_router.delete("/config")
 async def delete_global_config(request: Request) -> Any:
+    _platform_only(request, "removing the global compatibility level")
     registry = _registry(request)
     previous = await registry.store.delete_level(GLOBAL)
     return {"compatibilityLevel": previous or registry.config.default_compatibility}
@@ -458,6 +673,7 @@ async def get_subject_config(
     subject: str,
     default_to_global: bool = Query(False, alias="defaultToGlobal"),
 ) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     level = await registry.store.level(subject)
     if level is None and default_to_global:
@@ -469,11 +685,15 @@ async def get_subject_config(
 
 @_router.put("/config/{subject}")
 async def put_subject_config(request: Request, subject: str) -> Any:
+    _platform_only(request, "setting a subject's compatibility level")
+    _check_subject(subject)
     return await _put_level(request, subject)
 
 
 @_router.delete("/config/{subject}")
 async def delete_subject_config(request: Request, subject: str) -> Any:
+    _platform_only(request, "removing a subject's compatibility level")
+    _check_subject(subject)
     previous = await _registry(request).store.delete_level(subject)
     if previous is None:
         raise _no_subject_level(subject)
@@ -504,6 +724,7 @@ def _no_subject_level(subject: str) -> RegistryError:
 async def compatibility_with_version(
     request: Request, subject: str, version: str, verbose: bool = False
 ) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     candidate = _candidate(await _json_body(request, registry.config.max_body_bytes))
     found = await registry.store.version(subject, _version(version))
@@ -515,6 +736,7 @@ async def compatibility_with_version(
 
 @_router.post("/compatibility/subjects/{subject}/versions")
 async def compatibility_with_subject(request: Request, subject: str, verbose: bool = False) -> Any:
+    await _allow(request, subject, Access.READ)
     registry = _registry(request)
     candidate = _candidate(await _json_body(request, registry.config.max_body_bytes))
     versions = await registry.store.all_versions(subject)

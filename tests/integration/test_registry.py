@@ -3,7 +3,9 @@ unchanged, behind a route prefix, writing schemas the pipeline reads.
 
 The app runs under uvicorn in a thread, built by ``create_app`` as each Serve replica
 builds it, and mounted at ``/registry`` as ``serve.run(..., route_prefix="/registry")``
-mounts it. Each test uses its own uuid-named subjects.
+mounts it. Each test uses its own uuid-named subjects, which belong to no source, so
+the tests speak with the platform key (``*``); tests/security/test_registry_auth.py
+covers tenant keys and who may do what.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from adapters.postgres import MetadataStore
 from cluster.settings import Settings
 from core.avro import SchemaCache, decode, fingerprint, parse_schema_text, subject_for
 from serve_apps.registry import MEDIA_TYPE, RegistryConfig, create_app
-from tests.integration.conftest import pg, read_from
+from tests.integration.conftest import api_key, pg, read_from
 
 PREFIX = "/registry"
 
@@ -97,15 +99,27 @@ def registry_url(services: Settings) -> Iterator[str]:
     thread.join(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def registry_key(services: Settings) -> str:
+    """A platform key: these tests' subjects belong to no tenant's source."""
+    return api_key(services, "*", "registry tests")
+
+
+def _confluent(url: str, key: str) -> SchemaRegistryClient:
+    """A Confluent client as users set one up: the key by HTTP basic auth."""
+    return SchemaRegistryClient({"url": url, "basic.auth.user.info": f"*:{key}"})
+
+
 @pytest.fixture
-def client(registry_url: str) -> Iterator[SchemaRegistryClient]:
-    with SchemaRegistryClient({"url": registry_url}) as session:
+def client(registry_url: str, registry_key: str) -> Iterator[SchemaRegistryClient]:
+    with _confluent(registry_url, registry_key) as session:
         yield session
 
 
 @pytest.fixture
-def http(registry_url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=registry_url, timeout=30) as session:
+def http(registry_url: str, registry_key: str) -> Iterator[httpx.Client]:
+    headers = {"authorization": f"Bearer {registry_key}"}
+    with httpx.Client(base_url=registry_url, timeout=30, headers=headers) as session:
         yield session
 
 
@@ -125,11 +139,15 @@ def _fail(call: Any, *args: Any) -> SchemaRegistryError:
 
 
 def test_registration_is_idempotent_and_readable_every_way(
-    services: Settings, registry_url: str, client: SchemaRegistryClient, subject: str
+    services: Settings,
+    registry_url: str,
+    registry_key: str,
+    client: SchemaRegistryClient,
+    subject: str,
 ) -> None:
     schema_id = client.register_schema(subject, _avro(V1))
     # A fresh client has no cache: the registry itself must answer with the same id.
-    with SchemaRegistryClient({"url": registry_url}) as fresh:
+    with _confluent(registry_url, registry_key) as fresh:
         assert fresh.register_schema(subject, _avro(V1)) == schema_id
     assert client.get_versions(subject) == [1]
     assert subject in client.get_subjects()
@@ -224,7 +242,7 @@ def test_subject_and_global_levels(http: httpx.Client, subject: str) -> None:
 
 
 def test_avro_serializer_and_deserializer_round_trip(
-    registry_url: str, client: SchemaRegistryClient
+    registry_url: str, registry_key: str, client: SchemaRegistryClient
 ) -> None:
     topic = f"orders-{uuid.uuid4().hex[:8]}"
     serializer = AvroSerializer(client, V2_DEFAULTED)
@@ -234,7 +252,7 @@ def test_avro_serializer_and_deserializer_round_trip(
     assert data[0] == 0
     registered = client.get_latest_version(f"{topic}-value")
     assert int.from_bytes(data[1:5], "big") == registered.schema_id
-    with SchemaRegistryClient({"url": registry_url}) as fresh:
+    with _confluent(registry_url, registry_key) as fresh:
         assert AvroDeserializer(fresh)(data, context) == {"id": "o-1", "qty": 3}
 
 
@@ -268,8 +286,19 @@ def test_any_avro_schema_is_accepted(client: SchemaRegistryClient, subject: str)
         ("GET", "/subjects/{s}.known/versions/7", None, 404, 40402, "Version"),
         ("GET", "/subjects/{s}.known/versions/abc", None, 422, 42202, "latest"),
         ("GET", "/subjects/{s}.known/versions/0", None, 422, 42202, "latest"),
+        # digits that str.isdigit passes and int refuses, and more digits than int takes
+        ("GET", "/subjects/{s}.known/versions/%C2%B2", None, 422, 42202, "latest"),
+        ("GET", "/subjects/{s}.known/versions/" + "9" * 5000, None, 422, 42202, "latest"),
         ("GET", "/schemas/ids/2000000000", None, 404, 40403, "2000000000"),
         ("GET", "/schemas/ids/nope", None, 404, 40403, "positive integers"),
+        ("GET", "/schemas/ids/%C2%B2", None, 404, 40403, "positive integers"),
+        ("GET", "/schemas/ids/" + "1" * 5000, None, 404, 40403, "positive integers"),
+        # PostgreSQL text takes no NUL: refused before it gets there
+        ("GET", "/subjects/{s}%00/versions", None, 422, 42208, "control characters"),
+        ("POST", "/subjects/{s}%01/versions", {"schema": V1}, 422, 42208, "control"),
+        ("GET", "/subjects/" + "s" * 600 + "/versions", None, 422, 42208, "at most 512"),
+        ("DELETE", "/subjects/{s}%00", None, 422, 42208, "control characters"),
+        ("PUT", "/config/{s}%00", {"compatibility": "NONE"}, 422, 42208, "control"),
         ("POST", "/subjects/{s}.known", {"schema": V2_DEFAULTED}, 404, 40403, "Schema"),
         ("POST", "/subjects/{s}/versions", b"{not json", 400, 400, "malformed JSON"),
         ("POST", "/subjects/{s}/versions", [V1], 400, 400, "JSON object"),
@@ -295,6 +324,7 @@ def test_any_avro_schema_is_accepted(client: SchemaRegistryClient, subject: str)
         ("POST", "/subjects/{s}/versions", {"schema": "x" * (2 << 20)}, 413, 413, "limit"),
         ("DELETE", "/subjects/{s}.known/versions/9", None, 404, 40402, "Version"),
         ("GET", "/no/such/endpoint", None, 404, 404, "Not Found"),
+        ("GET", "/config/{s}.known?defaultToGlobal=maybe", None, 422, 422, "defaultToGlobal"),
     ],
 )
 def test_errors_come_in_confluent_shape(
