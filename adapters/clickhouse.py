@@ -4,6 +4,13 @@ The same client API serves both DSNs, so the code above this module does not kno
 which one it talks to. chDB allows one process per data folder; Rayline keeps that
 process in one actor (``actors.clickhouse_owner``) that writers and queries go through.
 
+Reads and writes never share a connection. Writes (inserts, DDL, rollup statements)
+go through the store's one write client; reads (:meth:`ClickHouseStore.run_query` and
+every internal SELECT) borrow a client of their own from a pool, so a long read holds
+back neither a write nor another read. chDB runs statements of separate connections
+of one process at the same time and releases the GIL meanwhile (measured, see
+``docs/storage.md``); a ClickHouse server does so anyway.
+
 Sink contract of :meth:`ClickHouseStore.insert_window_results`: the call returns
 after ClickHouse has stored the rows. Each row is keyed by (tenant, type, window kind,
 window start, partition) in a ``ReplacingMergeTree``, and reads use ``FINAL``, so
@@ -13,7 +20,9 @@ the row instead of adding to it. A caller may retry a failed write at will.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +31,7 @@ import clickhouse_connect
 import pyarrow as pa
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from adapters.exceptions import QueryRejected, StoreUnavailable
+from adapters.exceptions import QueryLimitExceeded, QueryRejected, StoreUnavailable
 from adapters.rollups import Rollups
 from core.partition_state import WindowResult
 from core.sealed import DISTINCT, QUANTILES
@@ -219,6 +228,69 @@ def _first_line(text: str) -> str:
     return line[:300]
 
 
+# ClickHouse error codes of the limits a query runs with, by the limit's name.
+_LIMIT_CODES = {159: "time", 241: "memory", 158: "rows_to_read", 396: "result_rows"}
+
+
+def _refusal(exc: ClickHouseError) -> QueryRejected | StoreUnavailable:
+    """The project's error for a refused read: a limit it hit, or another refusal.
+
+    The server running out of memory as a whole (not this query's own limit) is an
+    outage of the moment, not the query's fault.
+    """
+    reason = _first_line(str(exc))
+    code = getattr(exc, "code", None)
+    if code == 241 and "(total)" in reason:
+        return StoreUnavailable(f"ClickHouse is short of memory: {reason}")
+    limit = _LIMIT_CODES.get(code) if isinstance(code, int) else None
+    if limit is not None:
+        return QueryLimitExceeded(reason, limit)
+    return QueryRejected(reason)
+
+
+class _ReadClients:
+    """Clients for reads, one per statement in flight, reused once it has answered.
+
+    A clickhouse-connect client runs one statement at a time (its chDB handle is locked
+    for the call), so reads that share one wait for each other; here each concurrent
+    read gets its own. The pool grows to the most reads in flight at once, which the
+    caller bounds (the owner actor's read threads). A client whose statement failed is
+    closed, not reused: a stream broken mid-answer must not reach a later query.
+    """
+
+    def __init__(self, dsn: str, database: str) -> None:
+        self._dsn, self._database = dsn, database
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def borrow(self) -> Iterator[Any]:
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+            if client is None:  # opened under the lock: chDB handles open one at a time
+                client = self._open()
+        try:
+            yield client
+        except BaseException:
+            client.close()
+            raise
+        with self._lock:
+            self._idle.append(client)
+
+    def _open(self) -> Any:
+        try:  # bound to the database: tables may be named bare
+            return clickhouse_connect.get_client(dsn=self._dsn, database=self._database)
+        except (ClickHouseError, OSError) as exc:
+            where = self._dsn.split("@")[-1]  # never echo credentials
+            raise StoreUnavailable(f"ClickHouse at {where} did not answer: {exc}") from exc
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+
 def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
@@ -241,7 +313,7 @@ class ClickHouseStore:
     def __init__(self, dsn: str, database: str) -> None:
         self._database = database
         self._dsn = dsn
-        self._reader: Any = None
+        self._reads = _ReadClients(dsn, database)
         try:
             self._client = clickhouse_connect.get_client(dsn=dsn)
         except (ClickHouseError, OSError) as exc:
@@ -442,22 +514,27 @@ class ClickHouseStore:
     def run_query(
         self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run a read; return (column names, rows). Errors become ``QueryRejected``."""
-        if self._reader is None:  # bound to the database: tables may be named bare
-            self._reader = clickhouse_connect.get_client(dsn=self._dsn, database=self._database)
+        """Run a read on a client of its own; return (column names, rows).
+
+        Safe to call from several threads at once: concurrent reads run side by side.
+
+        Raises:
+            QueryLimitExceeded: the statement ran into one of its ``settings`` limits.
+            QueryRejected: ClickHouse refused it otherwise, or its answer was unreadable.
+            StoreUnavailable: ClickHouse is down or short of memory as a whole.
+        """
         try:
-            result = self._reader.query(sql, parameters=parameters, settings=settings)
-        except (ClickHouseError, MemoryError, IndexError, ValueError, TypeError) as exc:
-            # A query that failed mid-answer can leave the rest of its stream behind; a
-            # fresh client makes sure no later query (of any tenant) reads any of it.
-            self._reader.close()
-            self._reader = None
-            if isinstance(exc, ClickHouseError):
-                raise QueryRejected(_first_line(str(exc))) from exc
-            if isinstance(exc, MemoryError):
-                raise QueryRejected("the query needs more memory than it may use") from exc
-            raise QueryRejected(f"the answer could not be read: {exc}") from exc  # misread
-        return list(result.column_names), [tuple(r) for r in result.result_rows]
+            with self._reads.borrow() as client:
+                result = client.query(sql, parameters=parameters, settings=settings)
+                return list(result.column_names), [tuple(r) for r in result.result_rows]
+        except ClickHouseError as exc:
+            raise _refusal(exc) from exc
+        except MemoryError as exc:
+            raise QueryLimitExceeded(
+                "the answer needs more memory than it may use", "memory"
+            ) from exc
+        except (IndexError, ValueError, TypeError) as exc:  # a misread answer
+            raise QueryRejected(f"the answer could not be read: {exc}") from exc
 
     def _command(
         self,
@@ -471,12 +548,13 @@ class ClickHouseStore:
             raise StoreUnavailable(f"ClickHouse failed: {exc}") from exc
 
     def _query(self, sql: str, parameters: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        """An internal read, on a read client: it never waits for a write in progress."""
         try:
-            return [tuple(r) for r in self._client.query(sql, parameters=parameters).result_rows]
+            with self._reads.borrow() as client:
+                return [tuple(r) for r in client.query(sql, parameters=parameters).result_rows]
         except ClickHouseError as exc:
             raise StoreUnavailable(f"ClickHouse query failed: {exc}") from exc
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
+        self._reads.close()
         self._client.close()

@@ -20,3 +20,13 @@ class Backpressure(RaylineError):
 class QueryRejected(RaylineError):
     """ClickHouse refused a query (syntax, a limit, a read-only setting); the first line of
     its message says why. Not a store outage: the caller's query needs changing."""
+
+
+class QueryLimitExceeded(QueryRejected):
+    """A query ran into one of the limits it was given; ``limit`` names which: ``time``
+    (``max_execution_time``), ``memory`` (``max_memory_usage``), ``rows_to_read``
+    (``max_rows_to_read``) or ``result_rows`` (``max_result_rows``)."""
+
+    def __init__(self, message: str, limit: str = "") -> None:
+        super().__init__(message)
+        self.limit = limit

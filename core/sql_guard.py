@@ -84,6 +84,7 @@ def guarded_settings(
     max_seconds: float,
     max_rows: int,
     max_rows_to_read: int,
+    max_memory_bytes: int = 2_000_000_000,
 ) -> Mapping[str, Any]:
     """The settings a checked statement runs with: read-only, limited, one tenant's rows."""
     condition = f"tenant = {_quoted(tenant)}"
@@ -93,6 +94,6 @@ def guarded_settings(
         "max_result_rows": max_rows,
         "result_overflow_mode": "throw",
         "max_rows_to_read": max_rows_to_read,
-        "max_memory_usage": 2_000_000_000,
+        "max_memory_usage": max_memory_bytes,
         "additional_table_filters": {f"{database}.{t}": condition for t in TENANT_TABLES},
     }

@@ -12,7 +12,10 @@
 
 Every request needs a tenant API key (``Authorization: Bearer``); a tenant reads only
 its own rows, by every endpoint. The platform key (``'*'``) names a tenant with
-``?tenant=``. Every parameter is checked and bound, never formatted into SQL.
+``?tenant=``. Every parameter is checked and bound, never formatted into SQL. Every
+ClickHouse statement runs within the ``query.*`` limits (time, memory, threads) and
+one of the tenant's ``query.tenant_concurrency`` slots, counted in Redis across the
+replicas (429 with ``Retry-After`` past it).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves handler annotations at
@@ -30,6 +33,7 @@ from ray.exceptions import RayError
 
 from adapters.exceptions import QueryRejected, StoreUnavailable
 from adapters.query_cache import QueryCache
+from adapters.query_slots import QuerySlots
 from core.envelope import FieldError, name_problem
 from core.partition_state import combine_results
 from core.query_plan import time_param
@@ -38,6 +42,8 @@ from serve_apps.http import Answer, BodyTooLarge, read_body, respond
 from serve_apps.query_service import QueryLimits, QueryService, Rows, iso
 
 MAX_SQL_BODY_BYTES = 64 * 1024  # a 16 KiB statement, JSON-escaped, with room to spare
+SLOT_LEASE_MARGIN_S = 5.0
+"""A slot nobody gave back lapses this long after its statement's time limit."""
 log = logging.getLogger(__name__)
 
 app = FastAPI(
@@ -89,8 +95,10 @@ class _OwnerReader:
     ) -> Rows:
         try:
             rows: Rows = await self._owner().run_query.remote(sql, parameters, settings)
-        except (QueryRejected, StoreUnavailable):
-            raise  # the owner's own errors come through Ray as themselves
+        except (QueryRejected, StoreUnavailable) as exc:
+            # The owner's own error, raised by Ray as a subclass of both: its message is
+            # the remote traceback, so the cause itself goes on.
+            raise getattr(exc, "cause", exc) from None
         except RayError as exc:  # the actor is away
             raise StoreUnavailable(str(exc).splitlines()[0]) from exc
         return rows
@@ -115,7 +123,11 @@ class QueryAPI:
         self._keys = ApiKeys(config.dsn)
         cache = QueryCache(config.redis_url, config.cache_seconds)
         reader = _OwnerReader(config.namespace, config.clickhouse_actor)
-        self._service = QueryService(reader, config.limits, cache)
+        limits = config.limits
+        slots = QuerySlots(
+            config.redis_url, limits.tenant_concurrency, limits.max_seconds + SLOT_LEASE_MARGIN_S
+        )
+        self._service = QueryService(reader, limits, cache, slots=slots)
 
     async def _tenant(self, request: Request) -> str | Answer:
         try:
@@ -275,11 +287,17 @@ class QueryAPI:
             watermark = await coordinator.sealed_watermark.remote()
         except (RayError, ValueError) as exc:
             log.warning("open windows unavailable, answering with closed ones: %s", exc)
-        try:
-            owner = ray.get_actor(cfg.clickhouse_actor, namespace=cfg.namespace)
-            closed = await owner.window_results.remote(*args)
-        except (RayError, ValueError) as exc:
-            return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
+
+        async def closed_windows() -> list[Any]:
+            try:
+                owner = ray.get_actor(cfg.clickhouse_actor, namespace=cfg.namespace)
+                return list(await owner.window_results.remote(*args))
+            except (RayError, ValueError) as exc:
+                raise StoreUnavailable(str(exc).splitlines()[0]) from exc
+
+        closed = await self._service.guarded(tenant, closed_windows)
+        if isinstance(closed, Answer):
+            return closed
         rows = combine_results(closed, live)
         return Answer(
             200,

@@ -4,6 +4,11 @@ The Serve app (``serve_apps.query``) resolves the caller's tenant from its API k
 and hands the parameters here; ClickHouse is reached through an injected ``Reader``
 (the owner actor in production, an in-process store in tests). Every answer is an
 :class:`Answer`: a status, a JSON body, and headers.
+
+Every statement runs with the limits of :class:`QueryLimits` (time, memory, threads;
+rows too for ``/sql``) and inside one of its tenant's slots (``tenant_concurrency``
+at once, shared by the replicas through Redis): a tenant over its slots gets 429 with
+``Retry-After``, a statement over a limit 400 naming the limit and how to narrow it.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from adapters.exceptions import QueryRejected, StoreUnavailable
+from adapters.exceptions import QueryLimitExceeded, QueryRejected, StoreUnavailable
 from adapters.query_cache import QueryCache
+from adapters.query_slots import Slot
 from core.envelope import FieldError
 from core.query_plan import MINUTE, RAW, SeriesRequest, encode_cursor, parse_series_request
+from core.query_slots import SlotVerdict
 from core.query_sql import (
     METRIC_SQL,
     Sealed,
@@ -30,6 +37,12 @@ from core.sql_guard import ast_problem, guarded_settings, text_problem
 from serve_apps.http import Answer
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
+T = TypeVar("T")
+NARROW = (
+    "narrow it: a shorter time range (from/to), a coarser resolution (1h or 1d), fewer "
+    "group_by dimensions, or a filter on a dimension; in SQL, read the aggregate tables "
+    "(windows_1m, rollup_1h, rollup_1d) rather than raw events, and join less"
+)
 
 
 class Reader(Protocol):
@@ -42,14 +55,79 @@ class Reader(Protocol):
     def sealed(self) -> Awaitable[dict[str, int]]: ...
 
 
+class Slots(Protocol):
+    """Per-tenant statement slots (``adapters.query_slots.QuerySlots``)."""
+
+    async def take(self, tenant: str) -> Slot: ...
+
+    async def give_back(self, slot: Slot) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class QueryLimits:
+    """What one statement of the query API may take (the ``query.*`` settings)."""
+
     database: str
     dimensions: tuple[str, ...] = ()
     max_points: int = 1500
-    sql_max_seconds: float = 10.0
+    max_seconds: float = 10.0
+    max_memory_bytes: int = 2_000_000_000
+    max_threads: int = 1
+    """0: ClickHouse's default (one per core)."""
+    tenant_concurrency: int = 4
     sql_max_rows: int = 10_000
     sql_max_rows_to_read: int = 500_000_000
+
+    def statement_settings(self) -> dict[str, Any]:
+        """The ClickHouse settings every statement of the query API runs with."""
+        settings: dict[str, Any] = {
+            "max_execution_time": self.max_seconds,
+            "max_memory_usage": self.max_memory_bytes,
+        }
+        if self.max_threads:
+            settings["max_threads"] = self.max_threads
+        return settings
+
+    def refusal(self, exc: QueryLimitExceeded) -> Answer:
+        """400 naming the limit a statement ran into, and how to stay under it."""
+        limits = {
+            "time": (f"ran longer than its time limit of {self.max_seconds:g} s", "max_seconds"),
+            "memory": (
+                f"needed more than its memory limit of {self.max_memory_bytes / 1e6:,.0f} MB",
+                "max_memory_bytes",
+            ),
+            "rows_to_read": (
+                f"would read more than {self.sql_max_rows_to_read:,} rows",
+                "sql_max_rows_to_read",
+            ),
+            "result_rows": (
+                f"would answer more than {self.sql_max_rows:,} rows",
+                "sql_max_rows",
+            ),
+        }
+        if exc.limit not in limits:
+            return Answer.error(400, f"ClickHouse refused the query: {exc}")
+        what, name = limits[exc.limit]
+        advice = (
+            "add a LIMIT, or aggregate (GROUP BY) so that fewer rows come back"
+            if exc.limit == "result_rows"
+            else NARROW
+        )
+        return Answer.error(
+            400, f"the query {what} (query.{name}): {advice}", limit=f"query.{name}"
+        )
+
+
+def too_many_running(tenant: str, verdict: SlotVerdict) -> Answer:
+    """429: the tenant has as many statements running as it may."""
+    return Answer.error(
+        429,
+        f"tenant {tenant!r} has {verdict.running} queries running, the most it may at once "
+        f"(query.tenant_concurrency = {verdict.limit}): retry when one has answered, or "
+        "narrow the queries so that they finish sooner",
+        retry_after=1,
+        limit="query.tenant_concurrency",
+    )
 
 
 def iso(ms: int) -> str:
@@ -81,11 +159,13 @@ class QueryService:
         limits: QueryLimits,
         cache: QueryCache | None = None,
         clock: Callable[[], float] = time.time,
+        slots: Slots | None = None,
     ) -> None:
         self._reader = reader
         self._limits = limits
         self._cache = cache
         self._clock = clock
+        self._slots = slots
         self._sealed: tuple[float, Sealed] | None = None
 
     @property
@@ -134,13 +214,40 @@ class QueryService:
             422, "invalid query parameters", [FieldError(None, "group_by", message)]
         )
 
-    async def _read(self, sql: str, params: dict[str, Any], settings: Any = None) -> Rows | Answer:
+    async def guarded(self, tenant: str, read: Callable[[], Awaitable[T]]) -> T | Answer:
+        """Run one ClickHouse read of ``tenant`` in one of its slots; errors as answers.
+
+        A caller that goes away mid-read leaves its slot taken: the statement runs on in
+        ClickHouse until it ends or its time limit stops it, and the slot's lease (the
+        time limit and a margin) frees it then.
+        """
+        slot = await self._slots.take(tenant) if self._slots is not None else None
+        if slot is not None and not slot.verdict.granted:
+            return too_many_running(tenant, slot.verdict)
         try:
-            return await self._reader.run_query(sql, params, settings)
+            return await read()
+        except asyncio.CancelledError:
+            slot = None
+            raise
+        except QueryLimitExceeded as exc:
+            return self._limits.refusal(exc)
         except QueryRejected as exc:
             return Answer.error(400, f"ClickHouse refused the query: {exc}")
         except StoreUnavailable as exc:
             return Answer.error(503, f"ClickHouse is unavailable: {exc}", retry_after=5)
+        finally:
+            if slot is not None and self._slots is not None:
+                await self._slots.give_back(slot)
+
+    async def _read(
+        self,
+        tenant: str,
+        sql: str,
+        params: dict[str, Any],
+        settings: Mapping[str, Any] | None = None,
+    ) -> Rows | Answer:
+        limited = {**self._limits.statement_settings(), **(settings or {})}
+        return await self.guarded(tenant, lambda: self._reader.run_query(sql, params, limited))
 
     async def _cached(
         self,
@@ -175,7 +282,7 @@ class QueryService:
 
         async def compute() -> Answer:
             statement = series_statement(request, sealed, self._limits.database)
-            rows = await self._read(statement.sql, statement.parameters)
+            rows = await self._read(request.tenant, statement.sql, statement.parameters)
             if isinstance(rows, Answer):
                 return rows
             return Answer(200, _series_body(request, sealed, rows))
@@ -198,7 +305,7 @@ class QueryService:
 
         async def compute() -> Answer:
             statement = summary_statement(request, sealed, self._limits.database)
-            rows = await self._read(statement.sql, statement.parameters)
+            rows = await self._read(request.tenant, statement.sql, statement.parameters)
             if isinstance(rows, Answer):
                 return rows
             return Answer(200, _summary_body(request, rows))
@@ -217,7 +324,7 @@ class QueryService:
                 return parsed
             request = parsed
         statement = events_statement(request, self._limits.database)
-        rows = await self._read(statement.sql, statement.parameters)
+        rows = await self._read(request.tenant, statement.sql, statement.parameters)
         if isinstance(rows, Answer):
             return rows
         _columns, found = rows
@@ -257,7 +364,7 @@ class QueryService:
             return Answer.error(400, problem)
         limits = self._limits
         # As a subquery, so the driver's FORMAT clause lands on the outer SELECT.
-        parsed = await self._read(f"SELECT explain FROM (EXPLAIN AST {statement})", {})
+        parsed = await self._read(tenant, f"SELECT explain FROM (EXPLAIN AST {statement})", {})
         if isinstance(parsed, Answer):
             if "supports only SELECT" in str(parsed.body.get("error")):
                 return Answer.error(403, "only a SELECT statement is allowed here")
@@ -268,11 +375,12 @@ class QueryService:
         settings = guarded_settings(
             tenant,
             limits.database,
-            max_seconds=limits.sql_max_seconds,
+            max_seconds=limits.max_seconds,
             max_rows=limits.sql_max_rows,
             max_rows_to_read=limits.sql_max_rows_to_read,
+            max_memory_bytes=limits.max_memory_bytes,
         )
-        rows = await self._read(statement, {}, dict(settings))
+        rows = await self._read(tenant, statement, {}, settings)
         if isinstance(rows, Answer):
             return rows
         columns, found = rows
