@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from actors.cdc_applier import APPLIER_NAME, CdcApplierActor, CdcApplierConfig
-from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner, OwnerConfig
+from actors.clickhouse_owner import OWNER_NAME, ClickHouseOwner, OwnerConfig, owner_concurrency
 from actors.coordinator import COORDINATOR_NAME, Coordinator
 from actors.mqtt_bridge import BRIDGE_NAME, MqttBridgeActor
 from actors.partition_worker import WorkerConfig
@@ -112,6 +112,7 @@ def edge_config(settings: Settings) -> EdgeConfig:
         source_burst=i.source_burst,
         max_consumer_lag=i.max_consumer_lag,
         lag_check_s=i.lag_check_seconds,
+        max_future_ms=int(settings.pipeline.max_future_skew_seconds * 1000),
     )
 
 
@@ -121,6 +122,12 @@ def processing_config(settings: Settings) -> ProcessingConfig:
         windows=tuple(parse_window(w) for w in p.windows),
         allowed_lateness_ms=int(p.allowed_lateness_seconds * 1000),
         idle_timeout_ms=int(p.idle_timeout_seconds * 1000),
+        max_future_ms=int(p.max_future_skew_seconds * 1000),
+        max_tenants=p.max_tenants_per_partition,
+        lateness_overrides=tuple(
+            (pattern, int(seconds * 1000))
+            for pattern, seconds in p.allowed_lateness_by_tenant.items()
+        ),
         dedup_horizon_ms=int(p.dedup_horizon_seconds * 1000),
         dedup_max_ids=p.dedup_max_ids,
         layout=Layout(tuple(sorted(p.attributes.items()))),
@@ -132,26 +139,42 @@ def processing_config(settings: Settings) -> ProcessingConfig:
     )
 
 
-def _singleton(cls: type, name: str, namespace: str, *args: Any) -> Any:
-    """The named detached actor, created with ``args`` unless it exists already."""
-    return (
-        ray.remote(cls)
-        .options(
-            name=name,
-            namespace=namespace,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-        )
-        .remote(*args)
-    )
+def _singleton(
+    cls: type,
+    name: str,
+    namespace: str,
+    *args: Any,
+    concurrency_groups: dict[str, int] | None = None,
+) -> Any:
+    """The named detached actor, created with ``args`` unless it exists already.
+
+    ``concurrency_groups`` makes it a threaded actor whose methods run on the threads
+    of the group they name (``ray.method(concurrency_group=...)``).
+    """
+    # Ray's overloads of remote() leave out concurrency_groups, which it takes (and
+    # which .options() refuses).
+    remote: Any = ray.remote
+    actor_class = remote(concurrency_groups=concurrency_groups)(cls)
+    return actor_class.options(
+        name=name,
+        namespace=namespace,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+    ).remote(*args)
 
 
 def deploy(settings: Settings, say: Callable[[str], None] = lambda _m: None) -> None:
     """Create what is missing; must run inside :func:`connected`."""
     ns = settings.ray.namespace
-    owner = _singleton(ClickHouseOwner, OWNER_NAME, ns, owner_config(settings))
+    owner = _singleton(
+        ClickHouseOwner,
+        OWNER_NAME,
+        ns,
+        owner_config(settings),
+        concurrency_groups=owner_concurrency(settings.clickhouse.read_threads),
+    )
     ray.get(owner.ping.remote())
     _singleton(CdcApplierActor, APPLIER_NAME, ns, cdc_config(settings))
     workers = settings.pipeline.workers
@@ -192,7 +215,10 @@ def query_config(settings: Settings) -> QueryConfig:
             database=settings.clickhouse.database,
             dimensions=settings.clickhouse.dimensions,
             max_points=q.max_points,
-            sql_max_seconds=q.sql_max_seconds,
+            max_seconds=q.max_seconds,
+            max_memory_bytes=q.max_memory_bytes,
+            max_threads=q.max_threads,
+            tenant_concurrency=q.tenant_concurrency,
             sql_max_rows=q.sql_max_rows,
             sql_max_rows_to_read=q.sql_max_rows_to_read,
         ),
@@ -274,7 +300,7 @@ def _deploy_serve(settings: Settings, say: Callable[[str], None]) -> None:
         say("deploying the schema registry Serve app ...")
         registry = SchemaRegistryAPI.options(  # type: ignore[attr-defined]
             max_ongoing_requests=sv.max_ongoing_requests, ray_actor_options={"num_cpus": 0}
-        ).bind(RegistryConfig(dsn=settings.postgres.dsn()))
+        ).bind(RegistryConfig(dsn=settings.postgres.dsn(), default_source=sv.default_source))
         serve.run(registry, name=REGISTRY_APP, route_prefix=REGISTRY_PREFIX, blocking=False)
     if QUERY_APP not in running:
         say("deploying the query Serve app ...")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -127,6 +127,14 @@ class ClickHouseSettings(_Part):
         description="How often the rollups follow the pipeline's sealed watermark (0: never; "
         "then only `rayline rollups` advances them).",
     )
+    read_threads: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Reads (query API statements) the ClickHouse owner runs at once, each on "
+        "a connection of its own; more wait their turn. Writes and rollups have threads and "
+        "connections of their own, so reads never hold them back.",
+    )
 
     @field_validator("dimensions")
     @classmethod
@@ -151,8 +159,34 @@ class QuerySettings(_Part):
         ge=0,
         description="How long a fully sealed answer stays in the Redis query cache (0: no cache).",
     )
-    sql_max_seconds: float = Field(
-        10.0, gt=0, le=300, description="Time limit of one `/v1/query/sql` statement."
+    max_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description="Time limit of every statement the query API runs (ClickHouse "
+        "`max_execution_time`); one that runs longer answers 400 naming this limit.",
+    )
+    max_memory_bytes: int = Field(
+        2_000_000_000,
+        ge=10_000_000,
+        description="Memory one query API statement may use (ClickHouse `max_memory_usage`); "
+        "one that needs more answers 400 naming this limit.",
+    )
+    max_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="Threads one query API statement may use (ClickHouse `max_threads`; 0: "
+        "ClickHouse's default, one per core). Fewer than the cores leaves CPU to the "
+        "pipeline and to other tenants while a heavy query runs.",
+    )
+    tenant_concurrency: int = Field(
+        4,
+        ge=1,
+        le=1000,
+        description="Statements one tenant may have running at once, across every query "
+        "replica (counted in Redis; per replica while Redis is down). One more answers "
+        "429 with Retry-After.",
     )
     sql_max_rows: int = Field(
         10_000, ge=1, le=1_000_000, description="Most rows `/v1/query/sql` returns."
@@ -160,6 +194,16 @@ class QuerySettings(_Part):
     sql_max_rows_to_read: int = Field(
         500_000_000, ge=1, description="Most rows one `/v1/query/sql` statement may read."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sql_max_seconds" in data:
+            raise ValueError(
+                "query.sql_max_seconds is now query.max_seconds (RAYLINE_QUERY__MAX_SECONDS): "
+                "the time limit applies to every query API statement, not only /sql"
+            )
+        return data
 
 
 class RaySettings(_Part):
@@ -335,14 +379,34 @@ class PipelineSettings(_Part):
     allowed_lateness_seconds: float = Field(
         5.0,
         ge=0,
-        description="How far behind the newest event time an event may arrive "
-        "before it is late (dead-lettered with reason `late`).",
+        description="How far behind its tenant's newest event time (in its partition) an "
+        "event may arrive before it is late (dead-lettered with reason `late`).",
     )
     idle_timeout_seconds: float = Field(
         10.0,
         gt=0,
-        description="After this long without events, a partition's watermark "
-        "follows the wall clock, so its windows close without new data.",
+        description="A tenant with no event in a partition for this long (in Kafka's time "
+        "of the records read) has the partition's base watermark; a partition whose "
+        "worker has read everything the broker has for this long moves on the clock.",
+    )
+    allowed_lateness_by_tenant: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Allowed lateness (seconds) of the tenants whose name matches a "
+        "pattern (`iot-*`, `acme`; the first match wins), e.g. for sources that deliver "
+        "in bursts; the others have `allowed_lateness_seconds`. Rollups seal no minute "
+        "before the largest lateness has passed.",
+    )
+    max_future_skew_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="An event stamped further ahead of its arrival (at the edge, then "
+        "in Kafka) is refused with reason `future`.",
+    )
+    max_tenants_per_partition: int = Field(
+        10_000,
+        ge=1,
+        description="Most tenants whose watermarks one partition keeps apart at once "
+        "(the longest quiet are let go first, to the partition's base watermark).",
     )
     dedup_horizon_seconds: float = Field(
         600.0,

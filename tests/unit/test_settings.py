@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
+from cluster.deploy import processing_config
 from cluster.settings import PROJECT_ROOT, describe_settings, load_settings
 from core.exceptions import ConfigurationError
 
@@ -163,7 +164,12 @@ def test_scale_refuses_zero_workers_before_touching_the_cluster() -> None:
         ("RAYLINE_CLICKHOUSE__DIMENSIONS", '["x\'); DROP"]', "not an attribute name"),
         ("RAYLINE_CLICKHOUSE__RAW_TTL_DAYS", "-1", "greater than or equal to 0"),
         ("RAYLINE_QUERY__MAX_POINTS", "5", "greater than or equal to 10"),
-        ("RAYLINE_QUERY__SQL_MAX_SECONDS", "0", "greater than 0"),
+        ("RAYLINE_QUERY__MAX_SECONDS", "0", "greater than 0"),
+        ("RAYLINE_QUERY__MAX_MEMORY_BYTES", "1000", "greater than or equal to 10000000"),
+        ("RAYLINE_QUERY__TENANT_CONCURRENCY", "0", "greater than or equal to 1"),
+        ("RAYLINE_QUERY__MAX_THREADS", "-1", "greater than or equal to 0"),
+        ("RAYLINE_CLICKHOUSE__READ_THREADS", "0", "greater than or equal to 1"),
+        ("RAYLINE_QUERY__SQL_MAX_SECONDS", "10", "is now query.max_seconds"),
     ],
 )
 def test_bad_storage_and_query_settings_are_rejected(
@@ -173,3 +179,31 @@ def test_bad_storage_and_query_settings_are_rejected(
     with pytest.raises(ConfigurationError) as caught:
         load_settings()
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '{"iot-*": -1}', "greater than or equal"),
+        ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '{"iot-*": "soon"}', "valid number"),
+        ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '["iot-*"]', "valid dictionary"),
+        ("RAYLINE_PIPELINE__MAX_FUTURE_SKEW_SECONDS", "-5", "greater than or equal to 0"),
+        ("RAYLINE_PIPELINE__MAX_TENANTS_PER_PARTITION", "0", "greater than or equal to 1"),
+    ],
+)
+def test_bad_watermark_settings_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    assert message in str(caught.value)
+
+
+def test_lateness_by_tenant_reaches_the_workers_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '{"iot-slow": 3600, "iot-*": 60}'
+    )
+    lateness = processing_config(load_settings()).lateness
+    assert [lateness.of(t) for t in ("iot-slow", "iot-fast", "web")] == [3_600_000, 60_000, 5_000]
+    assert lateness.most_ms == 3_600_000
