@@ -170,20 +170,6 @@ def test_scale_refuses_zero_workers_before_touching_the_cluster() -> None:
         ("RAYLINE_QUERY__MAX_THREADS", "-1", "greater than or equal to 0"),
         ("RAYLINE_CLICKHOUSE__READ_THREADS", "0", "greater than or equal to 1"),
         ("RAYLINE_QUERY__SQL_MAX_SECONDS", "10", "is now query.max_seconds"),
-    ],
-)
-def test_bad_storage_and_query_settings_are_rejected(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
-) -> None:
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigurationError) as caught:
-        load_settings()
-    assert message in str(caught.value)
-
-
-@pytest.mark.parametrize(
-    ("name", "value", "message"),
-    [
         ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '{"iot-*": -1}', "greater than or equal"),
         ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '{"iot-*": "soon"}', "valid number"),
         ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '["iot-*"]', "valid dictionary"),
@@ -191,7 +177,7 @@ def test_bad_storage_and_query_settings_are_rejected(
         ("RAYLINE_PIPELINE__MAX_TENANTS_PER_PARTITION", "0", "greater than or equal to 1"),
     ],
 )
-def test_bad_watermark_settings_are_rejected(
+def test_bad_storage_query_and_watermark_settings_are_rejected(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
 ) -> None:
     monkeypatch.setenv(name, value)
