@@ -17,11 +17,13 @@ UNION/INTERSECT/EXCEPT of SELECTs, CTEs and subqueries included) that:
   :data:`MAX_NODES` syntax nodes large (hostile nesting is a refusal, not a crash).
 
 What runs is sqlglot's regeneration of the checked tree (:attr:`Checked.sql`), not the
-tenant's text: two parsers may read the same text differently (``#`` and ``--``
-comments, backslash escapes in strings, a comment between ``INTO`` and ``OUTFILE``), and
-a trailing comment would swallow the ``FORMAT`` clause the driver appends. The
-regenerated text has no comments and canonical quoting, and the function names checked
-are the ones it calls, so what ClickHouse runs is what was checked.
+tenant's text: two parsers may read the same text differently (they do: sqlglot takes
+``#`` as a comment, the ClickHouse of chDB 4.4 refuses it; comments and backslash
+escapes in strings are the usual other places). The regenerated text has no comments
+and canonical quoting, and the function names checked are the ones it calls, so what
+ClickHouse runs is what was checked. The price: sqlglot writes a few functions as
+equivalents (``toStartOfHour(ts)`` runs as ``dateTrunc('HOUR', ts)``, ``if`` as
+``CASE``), and ClickHouse syntax sqlglot cannot parse is refused rather than run.
 
 The engine enforces the rest, whatever the statement says (:func:`guarded_settings`):
 ``readonly = 1`` (no write, no setting changed), time, memory, read and result limits

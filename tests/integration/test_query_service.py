@@ -203,9 +203,8 @@ ORDINARY_SQL = [
     "SELECT tenant FROM rollup_1h UNION ALL SELECT tenant FROM windows_1m",
     "SELECT 'a\\' -- ', tenant /* c */ FROM events # hash comment\n LIMIT 1",
     "SELECT tenant, 'é☃' FROM events LIMIT 1",
-    # The driver appends SETTINGS (the tenant filter) after the text: a trailing comment
-    # would swallow it if the tenant's text ran as sent.
     "SELECT tenant, count() FROM events GROUP BY tenant -- trailing",
+    "SELECT tenant, count() FROM events GROUP BY tenant # ClickHouse itself refuses '#'",
 ]
 
 
