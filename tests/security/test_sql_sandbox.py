@@ -5,6 +5,7 @@ nothing, while ordinary SELECTs still answer and see only the caller's rows."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -51,10 +52,10 @@ def platform(stack: Settings) -> list[str]:
     ray.init(address=stack.ray.address, namespace=stack.ray.namespace, log_to_driver=False)
     try:
         owner = ray.get_actor(OWNER_NAME, namespace=stack.ray.namespace)
-        _columns, rows = ray.get(owner.run_query.remote("SELECT name FROM system.tables", {}))
+        answer: Any = ray.get(owner.run_query.remote("SELECT name FROM system.tables", {}))
     finally:
         ray.shutdown()
-    return [str(r[0]) for r in rows]
+    return [str(r[0]) for r in answer[1]]
 
 
 @pytest.mark.parametrize(("sql", "reason"), ATTACKS)
