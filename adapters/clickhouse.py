@@ -243,6 +243,8 @@ def _refusal(exc: ClickHouseError) -> QueryRejected | StoreUnavailable:
     if code == 241 and "(total)" in reason:
         return StoreUnavailable(f"ClickHouse is short of memory: {reason}")
     limit = _LIMIT_CODES.get(code) if isinstance(code, int) else None
+    if limit == "result_rows" and "max bytes" in reason:
+        limit = "result_bytes"
     if limit is not None:
         return QueryLimitExceeded(reason, limit)
     return QueryRejected(reason)

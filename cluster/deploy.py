@@ -221,6 +221,7 @@ def query_config(settings: Settings) -> QueryConfig:
             tenant_concurrency=q.tenant_concurrency,
             sql_max_rows=q.sql_max_rows,
             sql_max_rows_to_read=q.sql_max_rows_to_read,
+            sql_max_result_bytes=q.sql_max_result_bytes,
         ),
         dsn=settings.postgres.dsn(),
         redis_url=settings.redis.url(),

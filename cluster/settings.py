@@ -194,6 +194,12 @@ class QuerySettings(_Part):
     sql_max_rows_to_read: int = Field(
         500_000_000, ge=1, description="Most rows one `/v1/query/sql` statement may read."
     )
+    sql_max_result_bytes: int = Field(
+        64_000_000,
+        ge=1_000,
+        description="Most bytes (uncompressed, in ClickHouse's memory) `/v1/query/sql` "
+        "returns (ClickHouse `max_result_bytes`); a larger answer is 400 naming this limit.",
+    )
 
     @model_validator(mode="before")
     @classmethod

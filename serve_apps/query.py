@@ -225,8 +225,10 @@ class QueryAPI:
 
     @app.post("/sql", summary="One read-only SELECT over your rows")
     async def sql(self, request: Request) -> Response:
-        """Body `{"sql": "SELECT ..."}`; tables: events, windows_1m, rollup_1h, rollup_1d,
-        data_quality_1m, window_results. Read-only, time- and row-limited."""
+        """Body `{"sql": "SELECT ..."}`: one SELECT (UNION, CTEs and subqueries allowed)
+        over events, windows_1m, rollup_1h, rollup_1d, data_quality_1m, window_results,
+        calling allowlisted functions; no SETTINGS, FORMAT or INTO. Read-only, time-,
+        memory-, row- and byte-limited; anything else is a 400 that says why."""
         who = await self._tenant(request)
         if isinstance(who, Answer):
             return respond(who)

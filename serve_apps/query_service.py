@@ -33,7 +33,7 @@ from core.query_sql import (
     series_statement,
     summary_statement,
 )
-from core.sql_guard import ast_problem, guarded_settings, text_problem
+from core.sql_guard import SqlRefused, check, guarded_settings
 from serve_apps.http import Answer
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
@@ -77,6 +77,7 @@ class QueryLimits:
     tenant_concurrency: int = 4
     sql_max_rows: int = 10_000
     sql_max_rows_to_read: int = 500_000_000
+    sql_max_result_bytes: int = 64_000_000
 
     def statement_settings(self) -> dict[str, Any]:
         """The ClickHouse settings every statement of the query API runs with."""
@@ -104,13 +105,17 @@ class QueryLimits:
                 f"would answer more than {self.sql_max_rows:,} rows",
                 "sql_max_rows",
             ),
+            "result_bytes": (
+                f"would answer more than {self.sql_max_result_bytes:,} bytes",
+                "sql_max_result_bytes",
+            ),
         }
         if exc.limit not in limits:
             return Answer.error(400, f"ClickHouse refused the query: {exc}")
         what, name = limits[exc.limit]
         advice = (
             "add a LIMIT, or aggregate (GROUP BY) so that fewer rows come back"
-            if exc.limit == "result_rows"
+            if exc.limit in ("result_rows", "result_bytes")
             else NARROW
         )
         return Answer.error(
@@ -359,19 +364,11 @@ class QueryService:
     async def sql(self, tenant: str, statement: Any) -> Answer:
         if not isinstance(statement, str):
             return Answer.error(422, 'expected a JSON body {"sql": "SELECT ..."}')
-        problem = text_problem(statement)
-        if problem is not None:
-            return Answer.error(400, problem)
         limits = self._limits
-        # As a subquery, so the driver's FORMAT clause lands on the outer SELECT.
-        parsed = await self._read(tenant, f"SELECT explain FROM (EXPLAIN AST {statement})", {})
-        if isinstance(parsed, Answer):
-            if "supports only SELECT" in str(parsed.body.get("error")):
-                return Answer.error(403, "only a SELECT statement is allowed here")
-            return parsed
-        problem = ast_problem([str(r[0]) for r in parsed[1]], limits.database)
-        if problem is not None:
-            return Answer.error(403, problem)
+        try:
+            checked = check(statement, limits.database)
+        except SqlRefused as exc:
+            return Answer.error(400, str(exc))
         settings = guarded_settings(
             tenant,
             limits.database,
@@ -379,8 +376,9 @@ class QueryService:
             max_rows=limits.sql_max_rows,
             max_rows_to_read=limits.sql_max_rows_to_read,
             max_memory_bytes=limits.max_memory_bytes,
+            max_result_bytes=limits.sql_max_result_bytes,
         )
-        rows = await self._read(tenant, statement, {}, settings)
+        rows = await self._read(tenant, checked.sql, {}, settings)
         if isinstance(rows, Answer):
             return rows
         columns, found = rows

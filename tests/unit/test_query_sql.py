@@ -14,7 +14,6 @@ from core.query_sql import (
     series_statement,
     summary_statement,
 )
-from core.sql_guard import TENANT_TABLES, ast_problem, guarded_settings, text_problem
 
 H, D, M = 3_600_000, 86_400_000, 60_000
 NOW = 1_795_000_000_000 // D * D
@@ -107,64 +106,6 @@ def test_raw_paging_continues_after_the_cursor() -> None:
     statement = events_statement(first, "rl")
     assert statement.parameters["limit"] == 6  # one more, to know a next page exists
     assert "cursor" not in statement.sql
-
-
-# --- the SQL endpoint's guard ---------------------------------------------------------
-
-
-def ast(*nodes: str) -> list[str]:
-    return ["SelectWithUnionQuery (children 1)", *nodes]
-
-
-@pytest.mark.parametrize(
-    ("lines", "problem"),
-    [
-        (ast(" TableExpression (children 1)", "  TableIdentifier events"), None),
-        (ast(" TableExpression (children 1)", "  TableIdentifier rl.rollup_1h (alias r)"), None),
-        (ast(" TableExpression (children 1)", "  TableIdentifier system.tables"), "system.tables"),
-        (ast(" TableExpression (children 1)", "  TableIdentifier other.events"), "other.events"),
-        (ast(" TableExpression (children 1)", "  Function url (children 1)"), "table function url"),
-        (ast(" TableExpression (children 1)", "  Function numbers (children 1)"), "numbers"),
-        (ast(" Function dictGet (children 1)"), "dictGet"),
-        (ast(" Function joinGet (children 1)"), "joinGet"),
-        (ast(" Function s3Cluster (children 1)"), "s3Cluster"),
-        (ast(" Function count (children 1)"), None),
-        (["InsertQuery (children 1)"], "only a SELECT"),
-        ([], "only a SELECT"),
-    ],
-)
-def test_the_guard_allows_only_tenant_tables(lines: list[str], problem: str | None) -> None:
-    found = ast_problem(lines, "rl")
-    if problem is None:
-        assert found is None
-    else:
-        assert found is not None
-        assert problem in found
-
-
-@pytest.mark.parametrize(
-    ("sql", "problem"),
-    [
-        ("", "empty"),
-        ("   ", "empty"),
-        ("SELECT 1 INTO OUTFILE 'x'", "OUTFILE"),
-        ("select 1 into\n outfile 'x'", "OUTFILE"),
-        ("SELECT " + "1," * 9000 + "1", "characters"),
-        ("SELECT count() FROM events", None),
-    ],
-)
-def test_text_problems_are_named(sql: str, problem: str | None) -> None:
-    found = text_problem(sql)
-    assert (found is None) if problem is None else (problem in (found or ""))
-
-
-def test_guarded_settings_filter_every_tenant_table_to_the_caller() -> None:
-    settings = guarded_settings("o'neil", "rl", max_seconds=5, max_rows=10, max_rows_to_read=1000)
-    assert settings["readonly"] == 1
-    assert settings["result_overflow_mode"] == "throw"
-    filters = settings["additional_table_filters"]
-    assert set(filters) == {f"rl.{t}" for t in TENANT_TABLES}
-    assert set(filters.values()) == {"tenant = 'o\\'neil'"}
 
 
 @pytest.mark.parametrize(
