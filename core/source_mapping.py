@@ -78,9 +78,7 @@ _INDEX = re.compile(r"-?[0-9]{1,9}")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _STRINGIFIED = ("event_id", "entity")
-_HELP = (
-    'expected $, $.a.b, $.a[0], $["key"], sha256:<path>, header:<name>, const:<text> or now'
-)
+_HELP = 'expected $, $.a.b, $.a[0], $["key"], sha256:<path>, header:<name>, const:<text> or now'
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import hashlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
