@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -162,7 +163,7 @@ def sources_add(
         print(secret)
 
 
-def _check_poll_url(settings: Settings, name: str, config: dict[str, Any]) -> None:
+def _check_poll_url(settings: Settings, name: str, config: Mapping[str, Any]) -> None:
     """Refuse a poll URL the pollers would refuse (a denied address), when it is added."""
     import httpx
 

@@ -59,7 +59,7 @@ def test_a_request_goes_to_the_checked_address_with_the_name_in_host():
 )
 def test_a_denied_address_is_never_contacted(url):
     api = Api(b"[]")
-    with pytest.raises(EgressRefused, match="polling.allowed_hosts"):
+    with pytest.raises(EgressRefused, match=r"polling\.allowed_hosts"):
         get(client(api), url, [], EgressPolicy())
     assert api.seen == []
 
