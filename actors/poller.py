@@ -21,6 +21,15 @@ then saves the cursor that lies past the page in ``source_cursors``. So:
 ``Retry-After`` (capped) before the next request. Other 4xx answers (a wrong URL, a
 revoked token) end the cycle at once. Statistics are recorded once per page.
 
+**Egress.** Every request goes through :mod:`adapters.http_egress` under the settings'
+egress policy (:mod:`core.egress`): the host's addresses are checked (loopback,
+link-local, private and reserved ones are refused unless allowlisted) and the connection
+pinned to a checked one; a page's ``Link: rel=next`` or a stored cursor URL is followed
+only within the configured URL's origin, so the source's headers reach no other host;
+redirects are not followed; a body over ``polling.max_response_bytes`` or a request over
+``polling.max_request_seconds`` ends the cycle with an error, and nothing of that answer
+is delivered. A refused address or link is not retried: it needs the operator.
+
 Header values of a source may be credentials: they are sent, never logged.
 """
 
@@ -37,12 +46,14 @@ from typing import Any
 import httpx
 import orjson
 
+from adapters import http_egress
 from adapters.exceptions import Backpressure, StoreUnavailable
 from adapters.kafka import AsyncBatchProducer, Headers
 from adapters.poll_cursors import CursorStore
 from adapters.source_stats import SourceStats
 from adapters.sources import Source
 from core.dead_letters import dead_letter_headers
+from core.egress import EgressPolicy, require_same_origin
 from core.envelope import ENVELOPE_SCHEMA, partition_key, validate_events
 from core.exceptions import ConfigurationError, InvalidInputError, RaylineError
 from core.polling import (
@@ -125,6 +136,8 @@ class Poller:
         stats: where per-page statistics go.
         topics: the raw and dead-letter topics.
         client: the HTTP client (one is made with the source's timeout when None).
+        egress: what the poller may reach and how much it reads (default: public
+            addresses only).
         clock: epoch seconds.
         sleep: waits a number of seconds; may return early when the poller should stop.
         uniform: a random number in [0, 1), for backoff jitter.
@@ -144,13 +157,17 @@ class Poller:
         sleep: Callable[[float], object] = time.sleep,
         uniform: Callable[[], float] = random.random,
         should_stop: Callable[[], bool] = lambda: False,
+        egress: EgressPolicy | None = None,
     ) -> None:
         self.source = source
+        self._egress = egress or EgressPolicy()
         self._producer = producer
         self._cursors = cursors
         self._stats = stats
         self._topics = topics
-        self._client = client or httpx.Client(timeout=source.config.timeout_seconds)
+        self._client = client or http_egress.make_client(
+            self._egress, source.config.timeout_seconds
+        )
         self._own_client = client is None
         self._clock = clock
         self._sleep = sleep
@@ -238,13 +255,17 @@ class Poller:
         backoff = backoff_delay(
             attempt, cfg.backoff_base_seconds, cfg.backoff_max_seconds, self._uniform()
         )
+        # A stored cursor URL or a link is followed only within the configured origin.
+        require_same_origin(request.url, cfg.url)
         try:
             # The full URL, not params=: httpx would drop a query the URL carries already.
-            response = self._client.get(request.full_url(), headers=list(request.headers))
+            response = http_egress.get(
+                self._client, request.full_url(), list(request.headers), self._egress
+            )
         except httpx.TransportError as exc:
             return backoff, f"GET {request.url} failed: {type(exc).__name__}: {exc}", None
-        status = response.status_code
-        headers = {k.lower(): v for k, v in response.headers.items()}
+        status = response.status
+        headers = response.headers
         if status == 429:
             after = parse_retry_after(
                 headers.get("retry-after"), self._clock(), cfg.retry_after_max_seconds
@@ -254,18 +275,19 @@ class Poller:
             return backoff, f"GET {request.url} answered {status}", None
         if status == 304 or status == 200:
             return None, "", (status, headers, self._decode(request, response))
+        moved = " (redirects are not followed)" if 300 <= status < 400 else ""
         return (
             None,
             (
-                f"GET {request.url} answered {status}: {response.text[:200]!r}; "
+                f"GET {request.url} answered {status}{moved}: {response.content[:200]!r}; "
                 "check the source's url, params and headers"
             ),
             None,
         )
 
     @staticmethod
-    def _decode(request: Request, response: httpx.Response) -> Any:
-        if response.status_code == 304:
+    def _decode(request: Request, response: http_egress.Answer) -> Any:
+        if response.status == 304:
             return None
         try:
             return orjson.loads(response.content)

@@ -25,6 +25,7 @@ from adapters.kafka import AsyncBatchProducer
 from adapters.poll_cursors import CursorStore
 from adapters.source_stats import SourceStats
 from adapters.sources import Source, SourceCatalog
+from core.egress import EgressPolicy
 from core.exceptions import ConfigurationError
 
 SUPERVISOR_NAME = "rayline-poller-supervisor"
@@ -43,6 +44,7 @@ class SupervisorConfig:
     refresh_seconds: float = 5.0
     linger_ms: int = 5
     queue_max_messages: int = 100_000
+    egress: EgressPolicy = field(default_factory=EgressPolicy)
 
 
 @dataclass(slots=True)
@@ -90,6 +92,7 @@ class _SourceRunner:
             topics=Topics(self._config.raw_topic, self._config.dlq_topic),
             sleep=self.stopping.wait,
             should_stop=self.stopping.is_set,
+            egress=self._config.egress,
         )
         try:
             self._loop(poller)

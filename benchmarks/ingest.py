@@ -86,27 +86,51 @@ def _wrk_script(folder: Path, body: bytes, key: str) -> Path:
     return script
 
 
-def _webhook_script(folder: Path, body: bytes, signature: str) -> Path:
-    """A GitHub-signed delivery whose `X-GitHub-Delivery` differs on every request (the
-    signature covers the body only), so that no request is a replay."""
-    body_file = folder / "webhook.json"
-    body_file.write_bytes(body)
-    script = folder / "webhook.lua"
+def _webhook_script(folder: Path, secret: str, batch: int, tag: str, count: int = 20_000) -> Path:
+    """GitHub-signed deliveries of ``batch`` payloads each, all different, so that no
+    request is a replay: GitHub signs the body only and the edge refuses a body it has
+    seen (``ingest.delivery_ttl_seconds``). Request ``i`` (of ``count``, round robin,
+    wrk's two threads on alternate ones) differs in the first payload's id, and carries
+    its precomputed signature; ``tag`` keeps each run's bodies apart."""
+    body = _deliveries(batch)
+    head, tail = b'[{"id":"' + tag.encode() + b"-", b'",' + body[len(b'[{"id":"w-0",') :]
+    signatures_file = folder / f"webhook-{tag}.txt"
+    signatures_file.write_text(
+        "\n".join(
+            signatures.sign(
+                "github", secret, head + str(i).encode() + tail, now_s=0, delivery_id="-"
+            )["x-hub-signature-256"]
+            for i in range(count)
+        )
+    )
+    script = folder / f"webhook-{tag}.lua"
     script.write_text(
-        f'local f = io.open("{body_file}", "rb")\n'
-        "local body = f:read('*a')\nf:close()\n"
+        f"local head = {_lua_string(head)}\n"
+        f"local tail = {_lua_string(tail)}\n"
+        "local signed = {}\n"
+        f'for line in io.lines("{signatures_file}") do signed[#signed + 1] = line end\n'
+        "local threads = 0\n"
+        "function setup(thread)\n"
+        '  thread:set("tid", threads)\n'
+        "  threads = threads + 1\n"
+        "end\n"
         "local n = 0\n"
-        "local id = tostring(math.random(1, 1000000000))\n"
         "request = function()\n"
+        "  local i = (n * 2 + (tid or 0)) % #signed\n"
         "  n = n + 1\n"
         "  local headers = {}\n"
         '  headers["Content-Type"] = "application/json"\n'
-        f'  headers["X-Hub-Signature-256"] = "{signature}"\n'
-        '  headers["X-GitHub-Delivery"] = id .. "-" .. n\n'
-        '  return wrk.format("POST", nil, headers, body)\n'
+        '  headers["X-Hub-Signature-256"] = signed[i + 1]\n'
+        '  headers["X-GitHub-Delivery"] = tostring(i)\n'
+        '  return wrk.format("POST", nil, headers, head .. tostring(i) .. tail)\n'
         "end\n"
     )
     return script
+
+
+def _lua_string(data: bytes) -> str:
+    """A Lua long-bracket string literal holding ``data`` (JSON text: no ']]=]')."""
+    return "[==[" + data.decode() + "]==]"
 
 
 def _webhook_source(settings: Settings) -> tuple[str, str]:
@@ -262,9 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         batched = _wrk_script(folder, _batch(args.batch, "bench"), key)
         single = _wrk_script(folder, _batch(1, "bench"), key)
         source, secret = _webhook_source(settings)
-        payload = _deliveries(args.batch)
-        signed = signatures.sign("github", secret, payload, now_s=time.time(), delivery_id="x")
-        hook = _webhook_script(folder, payload, signed["x-hub-signature-256"])
+        bare_hook = _webhook_script(folder, secret, args.batch, f"bare{uuid.uuid4().hex[:6]}")
+        serve_hook = _webhook_script(folder, secret, args.batch, f"serve{uuid.uuid4().hex[:6]}")
         hook_path = f"/v1/sources/{source}/webhook"
         port = _free_port()
         bare = start_bare_app(topic, port)
@@ -275,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             results["bare batched"] = wrk(bare_url, batched, args.seconds, args.connections)
             results["bare single"] = wrk(bare_url, single, args.seconds, args.connections)
             results["bare webhook batched"] = wrk(
-                f"http://127.0.0.1:{port}{hook_path}", hook, args.seconds, args.connections
+                f"http://127.0.0.1:{port}{hook_path}", bare_hook, args.seconds, args.connections
             )
         finally:
             bare.terminate()
@@ -289,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["serve batched"] = wrk(serve_url, batched, args.seconds, args.connections)
                 results["serve single"] = wrk(serve_url, single, args.seconds, args.connections)
                 results["serve webhook batched"] = wrk(
-                    serve_url.replace("/v1/events", hook_path), hook, args.seconds, args.connections
+                    serve_url.replace("/v1/events", hook_path),
+                    serve_hook,
+                    args.seconds,
+                    args.connections,
                 )
             finally:
                 serve.delete(BENCH_APP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -149,6 +150,8 @@ def sources_add(
             f"--scheme {scheme!r} is not one of {', '.join(signatures.SCHEMES)}"
         )
     settings = _settings(ctx)
+    if kind == "poll":
+        _check_poll_url(settings, name, source.config)
     _run(settings, lambda c: c.add_source(source, replace=replace))
     url = f"http://{settings.serve.host}:{settings.serve.port}/v1/sources/{name}/webhook"
     console.print(
@@ -158,6 +161,23 @@ def sources_add(
     if secret is not None:
         console.print(f"signing secret ({scheme}), shown only now:")
         print(secret)
+
+
+def _check_poll_url(settings: Settings, name: str, config: Mapping[str, Any]) -> None:
+    """Refuse a poll URL the pollers would refuse (a denied address), when it is added."""
+    import httpx
+
+    from adapters.http_egress import allowed_address
+    from core.egress import EgressRefused
+    from core.polling import parse_poll_config
+
+    url = parse_poll_config(name, config).url
+    try:
+        allowed_address(url, settings.polling.policy())
+    except EgressRefused as exc:
+        raise ConfigurationError(f"poll source {name!r}: url {url!r} is refused: {exc}") from None
+    except httpx.ConnectError as exc:  # the poller retries; the name may resolve later
+        console.print(f"[yellow]warning[/yellow]: {exc}; the poller will keep trying")
 
 
 @sources_app.command("list")

@@ -268,6 +268,7 @@ def poller_config(settings: Settings) -> SupervisorConfig:
         refresh_seconds=settings.ingest.sources_refresh_seconds,
         linger_ms=k.producer_linger_ms,
         queue_max_messages=k.producer_queue_max_messages,
+        egress=settings.polling.policy(),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -23,6 +23,9 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+if TYPE_CHECKING:
+    from core.egress import EgressPolicy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,9 +267,11 @@ class IngestSettings(_Part):
         300, ge=1, description="Signed webhooks whose timestamp is further from now are rejected."
     )
     delivery_ttl_seconds: int = Field(
-        86_400,
+        259_200,
         ge=60,
-        description="How long a webhook delivery id is remembered, so a replay is not applied.",
+        description="How long a webhook delivery id is remembered, so a replay is not applied "
+        "(the replay window). GitHub signs no time, so an identical GitHub body is refused "
+        "only within it; 3 days covers GitHub's own redeliveries (possible for 3 days).",
     )
     tenant_events_per_second: float = Field(
         200_000, gt=0, description="Default token-bucket rate of each tenant (events/s)."
@@ -292,6 +297,54 @@ class IngestSettings(_Part):
     sources_refresh_seconds: float = Field(
         5.0, gt=0, description="How often source actors (pollers) re-read their sources."
     )
+
+
+class PollingSettings(_Part):
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts (names or IP literals) pollers may reach even when they resolve to "
+        "a loopback, link-local, private or reserved address (denied by default: SSRF).",
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) whose non-public addresses pollers may reach, e.g. "
+        "10.20.0.0/16 for an internal API.",
+    )
+    max_response_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest poll response body read; a longer one stops the poll with an "
+        "error and nothing of it is ingested.",
+    )
+    max_request_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Longest one poll request may take, body included (a source's "
+        "timeout_seconds bounds each wait within it).",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from core.egress import make_policy
+        from core.exceptions import ConfigurationError
+
+        try:
+            make_policy((), value)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def policy(self) -> EgressPolicy:
+        """The pollers' egress policy these settings describe."""
+        from core.egress import make_policy
+
+        return make_policy(
+            self.allowed_hosts,
+            self.allowed_networks,
+            max_response_bytes=self.max_response_bytes,
+            max_request_seconds=self.max_request_seconds,
+        )
 
 
 class S3Settings(_Part):
@@ -588,6 +641,9 @@ class Settings(BaseSettings):
     )
     ingest: IngestSettings = Field(
         default_factory=IngestSettings, description="Ingest edge: signatures, limits."
+    )
+    polling: PollingSettings = Field(
+        default_factory=PollingSettings, description="REST API pollers: egress policy, caps."
     )
     s3: S3Settings = Field(default_factory=S3Settings, description="S3 raw archive.")
     cdc: CdcSettings = Field(default_factory=CdcSettings, description="Database CDC.")

@@ -43,6 +43,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
+from core.egress import require_same_origin
 from core.exceptions import ConfigurationError, InvalidInputError
 
 PAGINATION_TYPES = ("none", "page", "offset", "cursor", "link")
@@ -481,6 +482,8 @@ def advance(
 
     Raises:
         InvalidInputError: when the body has no record list at ``records_path``.
+        core.egress.EgressRefused: when ``link`` pagination's next link leaves the
+            configured URL's origin (scheme, host, port).
     """
     new = dict(state)
     if status == 304:
@@ -493,6 +496,10 @@ def advance(
         if best is not None:
             new["max_seen"] = best
     link = parse_link_header(headers.get("link"), request.full_url()).get("next")
+    if link is not None and config.pagination.type == "link":
+        # Before anything of the page is delivered: the source's headers (credentials)
+        # must not follow a link to another host, and the run cannot go on without it.
+        require_same_origin(link, config.url)
     reason = _move(config, new, request, body, link, len(records))
     new.pop("etag", None)
     new.pop("etag_key", None)

@@ -3,18 +3,26 @@
 ======== =============================== =============================================
 scheme   headers                         signed content
 ======== =============================== =============================================
-github   ``x-hub-signature-256:          the body; the delivery id is
-         sha256=<hex>``,                 ``x-github-delivery``; no timestamp
-         ``x-github-delivery``
+github   ``x-hub-signature-256:          the body; no timestamp. The delivery id is
+         sha256=<hex>``                  ``sha256:<hex SHA-256 of the body>``
 stripe   ``stripe-signature:             ``f"{t}." + body``; the delivery id is
-         t=<unix s>,v1=<hex>[,v1=...]``  ``f"{t}.{first v1}"``
+         t=<unix s>,v1=<hex>[,v1=...]``  ``stripe:<the event's "id">`` from the
+                                         (signed) JSON body, else
+                                         ``sha256:<hex SHA-256 of f"{t}." + body>``
 standard ``webhook-id``,                 ``f"{id}.{timestamp}." + body``
          ``webhook-timestamp``,          (Standard Webhooks, standardwebhooks.com);
          ``webhook-signature:            the delivery id is ``webhook-id``
          v1,<base64> [v1,<base64>...]``
 ======== =============================== =============================================
 
-Every scheme signs with HMAC-SHA256. A source holds its current secret and, during a
+Every scheme signs with HMAC-SHA256. A delivery id (what the receiver remembers to refuse
+a replay) is always made of signed content, never of a header the sender does not sign:
+GitHub signs neither ``x-github-delivery`` nor a time, so a GitHub replay can only be
+recognised by its body (an identical body within the receiver's replay window counts
+once, GitHub's own redeliveries included). Stripe's header is read as Stripe's
+libraries read it: the delivery passes when ANY ``v1`` entry matches (entries that are
+not 64 hex digits are skipped, as other schemes' entries are).
+ A source holds its current secret and, during a
 rotation, the previous one: a signature made with any of them passes.
 
 Secrets. ``github`` and ``stripe`` use the secret's UTF-8 bytes as the HMAC key (Stripe's
@@ -48,6 +56,8 @@ import secrets as _random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
+
 from core.exceptions import ConfigurationError, InvalidInputError
 
 __all__ = [
@@ -56,6 +66,7 @@ __all__ = [
     "SCHEMES",
     "SignatureRejected",
     "Verified",
+    "body_digest",
     "new_secret",
     "sign",
     "verify",
@@ -75,6 +86,7 @@ _STANDARD_PREFIX = "whsec_"
 _HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _DIGEST_BYTES = 32
+_MAX_EVENT_ID = 255
 
 
 class SignatureRejected(InvalidInputError):
@@ -103,6 +115,11 @@ class Verified:
 
 
 # ------------------------------------------------------------------------------- helpers
+
+
+def body_digest(content: bytes) -> str:
+    """``sha256:<hex>`` of ``content``: the delivery id of signed content with no id."""
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def _check_scheme(scheme: str) -> None:
@@ -219,7 +236,8 @@ def _verify_github(
 ) -> Verified:
     name = "x-hub-signature-256"
     value = _header(headers, name, "github")
-    delivery = _header(headers, "x-github-delivery", "github")
+    # Not signed: required (GitHub always sends it) but never used as the delivery id.
+    _header(headers, "x-github-delivery", "github")
     prefix, _, hexdigest = value.partition("=")
     if prefix != "sha256" or not _HEX_SHA256.fullmatch(hexdigest):
         raise SignatureRejected(
@@ -229,7 +247,7 @@ def _verify_github(
         )
     if not _matches(keys, [bytes.fromhex(hexdigest)], body):
         raise _mismatch(name, "sha256=<hex HMAC-SHA256 of the raw body>")
-    return Verified(delivery_id=delivery, timestamp_s=None)
+    return Verified(delivery_id=body_digest(body), timestamp_s=None)
 
 
 def _stripe_parts(value: str) -> tuple[str, list[str]]:
@@ -254,14 +272,16 @@ def _stripe_parts(value: str) -> tuple[str, list[str]]:
             f"header '{name}' has {len(stamps)} t= and {len(signatures)} v1= entries: "
             f"expected 't=<unix seconds>,v1=<hex>' with one t and 1 to {MAX_SIGNATURES} v1",
         )
-    if not all(_HEX_SHA256.fullmatch(signature) for signature in signatures):
+    # As Stripe's libraries do: a v1 entry that cannot be a signature just never matches.
+    usable = [signature for signature in signatures if _HEX_SHA256.fullmatch(signature)]
+    if not usable:
         raise SignatureRejected(
             "malformed",
-            f"header '{name}' has a v1 signature that is not 64 hex digits: "
+            f"header '{name}' has no v1 signature of 64 hex digits: "
             "expected the hex HMAC-SHA256 of f'{t}.' + body",
         )
     _timestamp(stamps[0], name)
-    return stamps[0], signatures
+    return stamps[0], usable
 
 
 def _verify_stripe(
@@ -275,7 +295,20 @@ def _verify_stripe(
     if not _matches(keys, candidates, f"{stamp}.".encode(), body):
         raise _mismatch(name, "v1=<hex HMAC-SHA256 of f'{t}.' + raw body>")
     _check_fresh(timestamp_s, name, now_s, tol)
-    return Verified(delivery_id=f"{stamp}.{signatures[0].lower()}", timestamp_s=timestamp_s)
+    return Verified(delivery_id=_stripe_delivery(stamp, body), timestamp_s=timestamp_s)
+
+
+def _stripe_delivery(stamp: str, body: bytes) -> str:
+    """The event's own id (Stripe retries an event with a new ``t``, the same id), read
+    from the signed body; the digest of everything signed when the body has none."""
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        event = None
+    event_id = event.get("id") if isinstance(event, dict) else None
+    if isinstance(event_id, str) and 0 < len(event_id) <= _MAX_EVENT_ID:
+        return f"stripe:{event_id}"
+    return body_digest(f"{stamp}.".encode() + body)
 
 
 def _standard_signatures(value: str) -> list[bytes]:
@@ -376,7 +409,7 @@ def sign(
     """The signature headers a sender would send with ``body`` (for tests, benchmarks, docs).
 
     ``delivery_id`` becomes ``x-github-delivery`` or ``webhook-id``; a Stripe delivery's
-    id comes from its timestamp and signature instead.
+    id comes from its body instead (see :func:`verify`).
 
     Raises:
         ConfigurationError: for an unknown scheme or an unusable secret.

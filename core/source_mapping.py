@@ -2,7 +2,7 @@
 
 A source's mapping names, for each envelope field it fills, where the value comes from::
 
-    {"event_id": "header:x-github-delivery", "type": "const:push",
+    {"event_id": "sha256:$", "type": "header:x-github-event",
      "ts": "$.head_commit.timestamp", "entity": "$.repository.full_name"}
 
 Expressions:
@@ -12,9 +12,17 @@ Expressions:
 ``$.a.b``, ``$.a[0].b``     a path into the payload; ``[-1]`` is the last item
 ``$["key with.dots"]``      a key that is no plain name (JSON string syntax inside)
 ``header:<name>``           a request header, name case-insensitive
+``sha256:<path>``           hex SHA-256 of the value at ``<path>`` (``sha256:$``: the
+                            whole payload), as canonical JSON (sorted keys)
 ``const:<text>``            the literal string ``<text>``
 ``now``                     when the request arrived (epoch seconds, for ``ts``)
 =========================== ======================================================
+
+An ``event_id`` should come from the signed payload, not from a header: a header such
+as ``x-github-delivery`` is not signed, so whoever replays a delivery can change it and
+have the replay counted again. For a payload with no id of its own (a GitHub push),
+``sha256:$`` is an id that only the payload's content decides: an identical payload is
+the same event.
 
 Paths are parsed by hand (no ``eval``), at most :data:`MAX_EXPRESSION_CHARS` long and
 :data:`MAX_DEPTH` steps deep.
@@ -33,6 +41,7 @@ Applying a mapping (:func:`apply_mapping`):
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,12 +78,12 @@ _INDEX = re.compile(r"-?[0-9]{1,9}")
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _HEADER = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
 _STRINGIFIED = ("event_id", "entity")
-_HELP = 'expected $, $.a.b, $.a[0], $["key"], header:<name>, const:<text> or now'
+_HELP = 'expected $, $.a.b, $.a[0], $["key"], sha256:<path>, header:<name>, const:<text> or now'
 
 
 @dataclass(frozen=True, slots=True)
 class _Source:
-    kind: str  # "path", "header", "const" or "now"
+    kind: str  # "path", "digest", "header", "const" or "now"
     steps: tuple[str | int, ...] = ()  # a str steps into an object, an int into an array
     text: str = ""
 
@@ -161,10 +170,13 @@ def _parse_expression(name: str, expression: Any) -> _Source:
                 "write header:<name>, e.g. header:x-github-delivery"
             )
         return _Source("header", text=header.lower())
+    kind = "path"
+    if expression.startswith("sha256:"):
+        kind, expression = "digest", expression[len("sha256:") :]
     if not expression.startswith("$"):
         raise ConfigurationError(f"mapping field '{name}': cannot read {shown!r}: {_HELP}")
     try:
-        return _Source("path", steps=_parse_path(expression))
+        return _Source(kind, steps=_parse_path(expression))
     except _PathError as exc:
         raise ConfigurationError(
             f"mapping field '{name}': path {shown!r} is invalid: {exc}; {_HELP}"
@@ -224,6 +236,8 @@ def _header(headers: Mapping[str, str], name: str) -> Any:
 def _evaluate(source: _Source, payload: Any, headers: Mapping[str, str], now_ms: int) -> Any:
     if source.kind == "path":
         return _follow(payload, source.steps)
+    if source.kind == "digest":
+        return _digest(_follow(payload, source.steps))
     if source.kind == "header":
         return _header(headers, source.text)
     if source.kind == "const":
@@ -274,6 +288,16 @@ def apply_mapping(
     if "attributes" not in mapping.fields:
         raw["attributes"] = payload if isinstance(payload, dict) else {"payload": payload}
     return raw, problems
+
+
+def _digest(value: Any) -> Any:
+    if value is _MISSING:
+        return _MISSING
+    try:
+        canonical = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # not JSON (a CSV row is; this is defensive): nothing to hash
+        return _MISSING
+    return hashlib.sha256(canonical).hexdigest()
 
 
 def _kind(value: Any) -> str:

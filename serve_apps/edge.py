@@ -14,7 +14,9 @@ One request, in order (the first failing step answers, and nothing is written):
    not parse as a whole → 400;
 4. rate limits: the tenant's and the source's token buckets (Redis, shared by every
    replica) → 429 + ``Retry-After``;
-5. a webhook delivery id seen before → 200 ``{"duplicate": true}`` and nothing applied;
+5. a webhook delivery id seen before → 200 ``{"duplicate": true}`` and nothing applied
+   (ids are made of signed content only, see :mod:`core.signatures`: a replay cannot
+   rename itself);
 6. each record: mapped to an envelope, validated, checked against the registry schema
    of its ``<source>.<type>`` subject. Records that fail go to ``events.dlq``; the
    others go to ``events.raw`` (Avro in the Confluent wire format when a schema
@@ -75,7 +77,7 @@ class EdgeConfig:
     max_events_per_request: int = 10_000
     default_source: str = "api"
     signature_tolerance_s: int = 300
-    delivery_ttl_s: int = 86_400
+    delivery_ttl_s: int = 259_200
     tenant_rate: float = 200_000
     tenant_burst: int = 400_000
     source_rate: float = 100_000

@@ -70,6 +70,8 @@ STACK_ENV = {
     "RAYLINE_PIPELINE__ENRICHMENT_TTL_SECONDS": "1",
     "RAYLINE_PIPELINE__RULES_REFRESH_SECONDS": "1",
     "RAYLINE_CLICKHOUSE__DIMENSIONS": '["region"]',
+    # Pollers are refused loopback by default (SSRF); the tests' APIs listen on 127.0.0.1.
+    "RAYLINE_POLLING__ALLOWED_HOSTS": '["127.0.0.1"]',
 }
 
 

@@ -168,7 +168,12 @@ def run_cycle(settings, producer, source: Source):
     stats = SourceStats(settings.redis.url())
     topics = Topics(settings.kafka.raw_topic, settings.kafka.dlq_topic)
     poller = Poller(
-        poll_source(source), producer=producer, cursors=cursors, stats=stats, topics=topics
+        poll_source(source),
+        producer=producer,
+        cursors=cursors,
+        stats=stats,
+        topics=topics,
+        egress=settings.polling.policy(),  # the test stack allowlists 127.0.0.1
     )
     try:
         return poller.run_cycle()
@@ -350,6 +355,7 @@ def test_the_supervisor_runs_added_sources_and_stops_disabled_ones(services, api
             dlq_topic=k.dlq_topic,
             redis_url=services.redis.url(),
             refresh_seconds=0.3,
+            egress=services.polling.policy(),
         )
     )
     try:

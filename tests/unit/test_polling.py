@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core.egress import EgressRefused, origin
 from core.exceptions import ConfigurationError, InvalidInputError
 from core.polling import (
     PollConfig,
@@ -485,3 +486,40 @@ def test_defaults():
         True,
     )
     assert cfg.incremental is None
+
+
+@pytest.mark.parametrize(
+    ("link", "followed"),
+    [
+        ("<?page=2>", True),
+        ("</other/path?page=2>", True),
+        ("<https://api.example.com:443/items?page=2>", True),
+        ("<https://collector.example/steal>", False),
+        ("<http://api.example.com/items?page=2>", False),
+        ("<https://api.example.com:8443/items?page=2>", False),
+        ("<//collector.example/items>", False),
+        ("<http://169.254.169.254/latest/meta-data/>", False),
+    ],
+)
+def test_a_next_link_is_followed_only_within_the_configured_origin(link, followed):
+    cfg = config(
+        pagination={"type": "link"},
+        headers={"Authorization": "Bearer secret"},
+        records_path="$.items",
+    )
+    request = next_request(cfg, {})
+    headers = {"link": f'{link}; rel="next"'}
+    if followed:
+        step = advance(cfg, {}, request, 200, headers, {"items": [1]}, 0)
+        assert origin(step.state["url"]) == ("https", "api.example.com", 443)
+        return
+    with pytest.raises(EgressRefused, match="leaves the source's origin") as info:
+        advance(cfg, {}, request, 200, headers, {"items": [1]}, 0)
+    assert "secret" not in str(info.value)
+
+
+def test_a_foreign_link_matters_only_to_link_pagination():
+    cfg = config(pagination={"type": "offset", "page_size": 1})
+    headers = {"link": '<https://collector.example/x>; rel="next"'}
+    step = advance(cfg, {}, next_request(cfg, {}), 200, headers, [{"id": 1}], 0)
+    assert step.state == {"offset": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -47,15 +48,64 @@ def test_a_signed_delivery_verifies(scheme):
     assert result.delivery_id
 
 
-def test_delivery_ids_identify_the_delivery():
+def test_delivery_ids_come_from_signed_content_only():
     github = check("github", ["s"], signed("github", "s"))
     standard = check("standard", ["s"], signed("standard", "s"))
-    stripe_headers = signed("stripe", "s")
-    stripe = check("stripe", ["s"], stripe_headers)
-    assert github == Verified("delivery-1", None)
-    assert standard == Verified("delivery-1", int(NOW))
-    digest = stripe_headers["stripe-signature"].split("v1=")[1]
-    assert stripe == Verified(f"{int(NOW)}.{digest}", int(NOW))
+    stripe = check("stripe", ["s"], signed("stripe", "s"))
+    assert github == Verified("sha256:" + hashlib.sha256(BODY).hexdigest(), None)
+    assert standard == Verified("delivery-1", int(NOW))  # webhook-id is signed
+    assert stripe == Verified("stripe:evt_1", int(NOW))  # the event id inside the body
+
+
+def test_a_github_replay_with_a_fresh_delivery_header_has_the_same_id():
+    first = signed("github", "s")
+    replay = {**first, "x-github-delivery": "a-fresh-uuid"}
+    assert check("github", ["s"], replay).delivery_id == check("github", ["s"], first).delivery_id
+    other = b'{"id":"evt_2"}'
+    assert check("github", ["s"], signed("github", "s", other), other).delivery_id != (
+        check("github", ["s"], first).delivery_id
+    )
+
+
+def test_a_stripe_retry_with_a_new_timestamp_keeps_the_event_id():
+    retry = signed("stripe", "s", now=NOW + 60)
+    assert check("stripe", ["s"], retry, now=NOW + 60).delivery_id == "stripe:evt_1"
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"[1, 2]", b'{"id": 17}', b'{"object": "event"}', b'{"id": ""}']
+)
+def test_a_stripe_body_without_an_event_id_is_known_by_the_digest_of_what_was_signed(body):
+    headers = signed("stripe", "s", body)
+    expected = "sha256:" + hashlib.sha256(f"{int(NOW)}.".encode() + body).hexdigest()
+    assert check("stripe", ["s"], headers, body).delivery_id == expected
+
+
+def _stripe_header(stamp: int, *entries: str) -> dict[str, str]:
+    return {"stripe-signature": ",".join([f"t={stamp}", *entries])}
+
+
+@pytest.mark.parametrize(
+    "bogus", ["v1=" + "0" * 64, "v1=" + "f" * 64, "v1=zz", "v1=", "v0=" + "a" * 64, "x=1"]
+)
+def test_stripe_passes_when_any_v1_matches_and_a_bogus_first_entry_changes_no_id(bogus):
+    real = signed("stripe", "s")["stripe-signature"].split(",")[1]
+    first = check("stripe", ["s"], _stripe_header(int(NOW), real))
+    with_bogus = check("stripe", ["s"], _stripe_header(int(NOW), bogus, real))
+    assert with_bogus == first
+    assert check("stripe", ["s"], _stripe_header(int(NOW), real, bogus)) == first
+
+
+def test_stripe_with_only_wrong_v1_entries_is_a_mismatch():
+    headers = _stripe_header(int(NOW), "v1=" + "0" * 64, "v1=" + "1" * 64)
+    assert rejected("stripe", ["s"], headers).reason == "mismatch"
+
+
+def test_stripe_expired_timestamp_is_stale_even_with_a_matching_second_v1():
+    old = int(NOW) - TOLERANCE - 1
+    real = signed("stripe", "s", now=old)["stripe-signature"].split(",")[1]
+    headers = _stripe_header(old, "v1=" + "0" * 64, real)
+    assert rejected("stripe", ["s"], headers).reason == "stale"
 
 
 def test_github_documented_vector():
@@ -67,7 +117,7 @@ def test_github_documented_vector():
         "x-github-delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
     }
     result = check("github", ["It's a Secret to Everybody"], headers, b"Hello, World!")
-    assert result.delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    assert result.delivery_id == "sha256:" + hashlib.sha256(b"Hello, World!").hexdigest()
 
 
 def test_standard_webhooks_published_vector():

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,7 +39,7 @@ GITHUB_HEADERS = {
     "content-type": "application/json",
 }
 GITHUB_MAPPING = {
-    "event_id": "header:x-github-delivery",
+    "event_id": "sha256:$",
     "tenant": "const:acme",
     "type": "const:push",
     "ts": "$.head_commit.timestamp",
@@ -86,12 +88,46 @@ def test_github_push_becomes_an_envelope():
     raw, problems = mapped(GITHUB_MAPPING, GITHUB_PUSH, GITHUB_HEADERS)
     assert problems == []
     envelope = valid(raw)
-    assert envelope["event_id"] == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    canonical = orjson.dumps(GITHUB_PUSH, option=orjson.OPT_SORT_KEYS)
+    assert envelope["event_id"] == hashlib.sha256(canonical).hexdigest()
     assert envelope["type"] == "push"
     assert envelope["ts"] == int(datetime(2026, 11, 29, 10, tzinfo=UTC).timestamp() * 1000)
     assert envelope["entity"] == "octocat/Hello-World"
     assert envelope["attributes"] == GITHUB_PUSH
     assert envelope["source"] == "hooks"
+
+
+def test_a_digest_id_depends_on_the_payload_only_not_on_headers_or_key_order():
+    spec = {"event_id": "sha256:$", "type": "const:push", "ts": "now"}
+    first, _ = mapped(spec, GITHUB_PUSH, GITHUB_HEADERS)
+    reordered = dict(reversed(list(GITHUB_PUSH.items())))
+    replay, _ = mapped(spec, reordered, {**GITHUB_HEADERS, "x-github-delivery": "fresh"})
+    assert replay["event_id"] == first["event_id"]
+    changed, _ = mapped(spec, dict(GITHUB_PUSH, after="f" * 40), GITHUB_HEADERS)
+    assert changed["event_id"] != first["event_id"]
+    assert len(first["event_id"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("expression", "payload", "expected"),
+    [
+        ("sha256:$.a", {"a": "x"}, hashlib.sha256(b'"x"').hexdigest()),
+        ("sha256:$.a[0]", {"a": [1]}, hashlib.sha256(b"1").hexdigest()),
+        ("sha256:$", [1, 2], hashlib.sha256(b"[1,2]").hexdigest()),
+        ("sha256:$", {"b": 1, "a": 2}, hashlib.sha256(b'{"a":2,"b":1}').hexdigest()),
+    ],
+)
+def test_digest_expressions(expression, payload, expected):
+    raw, problems = mapped({"event_id": expression}, payload)
+    assert (raw["event_id"], problems) == (expected, [])
+
+
+def test_a_digest_of_nothing_is_a_problem():
+    raw, problems = mapped({"event_id": "sha256:$.missing"}, {"a": 1})
+    assert "event_id" not in raw
+    assert problems == [
+        "field 'event_id' (mapped from sha256:$.missing) found nothing in the payload"
+    ]
 
 
 def test_stripe_event_becomes_an_envelope():
@@ -248,6 +284,9 @@ def test_a_mapping_built_directly_is_parsed_when_applied():
         ({"type": "header:"}, "type"),
         ({"type": "header:bad header"}, "type"),
         ({"type": "eval:__import__('os')"}, "type"),
+        ({"event_id": "sha256:"}, "event_id"),
+        ({"event_id": "sha256:a.b"}, "event_id"),
+        ({"event_id": "sha256:$..a"}, "event_id"),
         ({"ts": "$" + ".a" * (MAX_DEPTH + 1)}, "ts"),
         ({"ts": "$" + "[0]" * 10_000}, "ts"),
         ({"ts": "$" + "[" * 10_000}, "ts"),
