@@ -347,6 +347,9 @@ def check_stored(record: Any) -> str | None:
     for field in ("event_id", "tenant", "type"):
         if not isinstance(record.get(field), str):
             return f"field '{field}' expected string, got {_type_name(record.get(field))}"
+    source = record.get("source")
+    if source is not None and not isinstance(source, str):
+        return f"field 'source' expected string, got {_type_name(source)}"
     ts = record.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, int):
         return f"field 'ts' expected integer epoch milliseconds, got {_type_name(ts)}"

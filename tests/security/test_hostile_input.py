@@ -407,6 +407,7 @@ def test_a_poison_record_in_the_raw_topic_is_dead_lettered_once(stack: Settings)
         record(ts=2**64 - 1),
         record(ts=9 * 10**18),
         record(value=1e300),
+        record(source=5),  # was an ArrowTypeError that restarted the worker's loop forever
         b'{"m":"' + marker + b'","x":' + deep(1_100) + b"}",
         b'{"m":"' + marker + b'","ts":NaN}',
     ]

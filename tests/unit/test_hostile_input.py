@@ -181,6 +181,8 @@ def test_deep_mqtt_payload_is_dead_lettered_with_the_field() -> None:
         (b'{"event_id":"x","tenant":"t","type":"c","ts":1795931400000,"value":1e300}', "'value'"),
         (deep_json(1_100), "not JSON"),
         (b"", "not JSON"),
+        (b'{"event_id":"x","tenant":"t","type":"c","ts":1795931400000,"source":5}', "'source'"),
+        (b'{"event_id":"x","tenant":"t","type":"c","ts":1795931400000,"source":{}}', "'source'"),
         (b"null", "expected a JSON object"),
     ],
 )
