@@ -28,6 +28,7 @@ from core.envelope import (
     validate_events,
 )
 from core.partition_state import PartitionState, RecordRef
+from core.poison import PoisonHunt
 from tests.unit.test_cdc import KEY, FakeConsumer, FakeMessage, FakeSink, event, row
 from tests.unit.test_partition_state import CONFIG, T0, rec
 
@@ -226,3 +227,43 @@ def test_a_cdc_value_no_conversion_takes_is_dead_lettered_and_the_rest_applied(
     assert headers["origin.offset"] == b"1"
     assert f"column '{column}'".encode() in headers["reason"]
     assert applier.poll_once() == 0  # nothing comes again: no poison loop
+
+
+def run_worker(offsets: list[int], poison: set[int], batch: int) -> tuple[list[int], list[int]]:
+    """What a worker loop does with a PoisonHunt: consume from the committed offset,
+    fold (a poison record raises), and start over from the commit after a failure."""
+    hunt = PoisonHunt()
+    committed, folded, dead = 0, [], []  # type: ignore[var-annotated]
+    for _attempt in range(1_000):
+        if committed >= len(offsets):
+            return folded, dead
+        refs = offsets[committed : committed + hunt.batch_size(batch)]
+        known = [o for o in refs if hunt.reason(0, o) is not None]
+        fold = [o for o in refs if o not in known]
+        if any(o in poison for o in fold):
+            hunt.failed([(0, o) for o in fold], ValueError("boom"))
+            continue  # nothing committed: the same records come again
+        folded += fold
+        dead += known
+        committed += len(refs)
+        hunt.succeeded(batch)
+    raise AssertionError("the worker looped")
+
+
+@pytest.mark.parametrize("poison", [{0}, {7}, {99}, {3, 4}, {10, 50, 98}, set()])
+def test_a_batch_that_fails_is_bisected_to_its_poison_records(poison: set[int]) -> None:
+    offsets = list(range(100))
+    folded, dead = run_worker(offsets, poison, batch=32)
+    assert sorted(dead) == sorted(poison)  # each poison record dead-lettered once
+    assert folded == [o for o in offsets if o not in poison]  # every other one folded once
+
+
+def test_the_poison_reason_names_the_error_and_the_size_comes_back() -> None:
+    hunt = PoisonHunt()
+    hunt.failed([(0, 1), (0, 2)], ValueError("x"))
+    assert hunt.batch_size(100) == 1
+    hunt.failed([(0, 1)], OverflowError("too big"))
+    assert hunt.reason(0, 1) == "the record cannot be processed: OverflowError: too big"
+    for _ in range(8):
+        hunt.succeeded(100)
+    assert hunt.batch_size(100) == 100
