@@ -22,6 +22,7 @@ from adapters.mqtt import Inbound
 from core.envelope import (
     MAX_ATTRIBUTE_DEPTH,
     MAX_EVENT_BYTES,
+    FieldError,
     attributes_problem,
     check_stored,
     size_problem,
@@ -29,6 +30,7 @@ from core.envelope import (
 )
 from core.partition_state import PartitionState, RecordRef
 from core.poison import PoisonHunt
+from core.query_plan import time_param
 from tests.unit.test_cdc import KEY, FakeConsumer, FakeMessage, FakeSink, event, row
 from tests.unit.test_partition_state import CONFIG, T0, rec
 
@@ -267,3 +269,11 @@ def test_the_poison_reason_names_the_error_and_the_size_comes_back() -> None:
     for _ in range(8):
         hunt.succeeded(100)
     assert hunt.batch_size(100) == 100
+
+
+@pytest.mark.parametrize("text", ["1e306", "-1e306", "inf", "nan", "9" * 400, "9999-12-31T00:00Z"])
+def test_a_query_time_parameter_out_of_range_is_a_field_error(text: str) -> None:
+    # "1e306" was an OverflowError in the query API: a 500.
+    errors: list[FieldError] = []
+    assert time_param({"from": text}, "from", 7, errors) == 7
+    assert [e.field for e in errors] == ["from"]
