@@ -125,12 +125,12 @@ def _encode(value: Any) -> bytes:
 
 def _one_field_wrong(field_values: tuple[str, Any]) -> bytes:
     field, value = field_values
-    return _encode([valid_event("h-" + uuid.uuid4().hex[:6], **{field: value})])
+    return _encode([{**valid_event("h-" + uuid.uuid4().hex[:6]), field: value}])
 
 
 def _raw_field(field_raw: tuple[str, bytes]) -> bytes:
     field, raw = field_raw
-    event = orjson.dumps(valid_event("h-" + uuid.uuid4().hex[:6], **{field: 0}))
+    event = orjson.dumps({**valid_event("h-" + uuid.uuid4().hex[:6]), field: 0})
     return b"[" + event.replace(f'"{field}":0'.encode(), f'"{field}":'.encode() + raw) + b"]"
 
 
@@ -318,7 +318,8 @@ rule_fields = st.sampled_from(
 def test_alerting_api_answers_hostile_bodies_with_4xx(
     client: httpx.Client, field_value: tuple[str, Any], silence: dict[str, Any], path_id: str
 ) -> None:
-    assume(path_id not in (".", ".."))
+    # "" would be the list route, which redirects /rules/ to /rules (no body)
+    assume(path_id not in ("", ".", ".."))
     field, value = field_value
     body = _encode(rule(**{field: value}))
     made = client.post("/v1/alerts/rules", content=body)
