@@ -179,6 +179,12 @@ class CdcApplier:
             except CdcEventError as exc:
                 batch.dead.append(self._dead_letter(msg, str(exc)))
                 continue
+            except (ValueError, TypeError, OverflowError, ArithmeticError, RecursionError) as exc:
+                # A value no conversion takes (a date past year 9999, bad base64...): the
+                # record is the problem, and retrying it would stop every table behind it.
+                reason = f"a value cannot be converted: {type(exc).__name__}: {exc}"
+                batch.dead.append(self._dead_letter(msg, reason))
+                continue
             if change is not None:
                 batch.changes.append(change)
         return batch

@@ -38,7 +38,7 @@ from adapters.mqtt import Inbound, Subscriber, SubscriberConfig
 from adapters.source_stats import SourceStats
 from core.dead_letters import dead_letter_headers
 from core.device_telemetry import SOURCE, device_from_topic, telemetry_envelope
-from core.envelope import ENVELOPE_SCHEMA, partition_key
+from core.envelope import ENVELOPE_SCHEMA, partition_key, size_problem
 
 log = logging.getLogger(__name__)
 
@@ -117,21 +117,41 @@ def route(
             f"device {device!r} is not registered or is disabled; add it with `rayline devices add`"
         )
     else:
-        envelope, problem = telemetry_envelope(
-            device, tenants[device], message.payload, received, max_payload_bytes
-        )
-        if envelope is not None:
-            headers: Headers = [
-                ("schema", ENVELOPE_SCHEMA.encode()),
-                ("traceparent", _traceparent()),
-            ]
-            return (partition_key(envelope), orjson.dumps(envelope), headers), None
+        good, problem = _encode(device, tenants[device], message, max_payload_bytes)
+        if good is not None:
+            return good, None
         reason = f"device {device!r}: {problem}"
     origin = dead_letter_headers(
         "mqtt", reason, received, source=SOURCE, device=device or message.topic
     )
     dead: Headers = [(k, v) for k, v in origin]
     return None, (device.encode() if device else None, message.payload, dead)
+
+
+def _encode(
+    device: str, tenant: str, message: Inbound, max_payload_bytes: int
+) -> tuple[Record | None, str | None]:
+    """The raw record of a device's message, or why it can never be one.
+
+    Anything a payload makes fail here is the payload's fault: it must become a dead
+    letter (and be acknowledged), never an error that restarts the bridge, which would
+    get the same QoS 1 message again and loop.
+    """
+    try:
+        envelope, problem = telemetry_envelope(
+            device, tenant, message.payload, message.received_at_ms, max_payload_bytes
+        )
+        if envelope is None:
+            return None, problem
+        data = orjson.dumps(envelope)
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        log.warning("MQTT message of device %r cannot be processed: %r", device, exc)
+        return None, f"payload cannot be processed: {type(exc).__name__}: {exc}"
+    problem = size_problem(len(data))
+    if problem is not None:
+        return None, problem
+    headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", _traceparent())]
+    return (partition_key(envelope), data, headers), None
 
 
 class MqttBridge:
@@ -144,6 +164,7 @@ class MqttBridge:
             "forwarded": 0,
             "dead_lettered": 0,
             "batches": 0,
+            "restarts": 0,
             "last_error": None,
         }
         # Connection errors, appended on paho's thread and counted by the bridge loop.
@@ -334,8 +355,10 @@ class MqttBridgeActor:
         while not self._stop.is_set():
             try:
                 self._bridge.run(self._stop)
-            except Exception:
+            except Exception as exc:
                 log.exception("MQTT bridge failed; starting it again in 5 s")
+                self._bridge._state["restarts"] += 1
+                self._bridge._state["last_error"] = f"restarted after: {exc!r:.500}"
                 self._stop.wait(5.0)
 
     def status(self) -> dict[str, Any]:

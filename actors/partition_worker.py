@@ -61,6 +61,7 @@ from core.partition_state import (
     RecordRef,
     WindowResult,
 )
+from core.poison import PoisonHunt
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ class PartitionWorker:
         self._runtime = Runtime()
         self._inputs: RuntimeInputs | None = None
         self._crash_at: tuple[str, int] | None = None
+        self._poison = PoisonHunt()  # outlives a restart of the loop, unlike its state
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="partition-worker", daemon=True)
@@ -302,6 +304,17 @@ class PartitionWorker:
             try:
                 self._consume_until_stopped()
                 return
+            except _BatchFailed as failed:  # the records, not a store: find the poison
+                log.warning(
+                    "worker %s: a batch of %d records failed: %r",
+                    self._assignment.worker,
+                    len(failed.records),
+                    failed.__cause__,
+                )
+                self._poison.failed(failed.records, failed.__cause__ or failed)
+                with self._lock:
+                    self._stats.last_error = f"batch failed, searching its poison: {failed}"
+                self._stopping.wait(0.5)
             except Exception as exc:  # report and start over; a worker never just vanishes
                 log.exception("worker %s failed; restarting its loop", self._assignment.worker)
                 with self._lock:
@@ -327,7 +340,8 @@ class PartitionWorker:
             )
             next_lag_at = 0.0
             while not self._stopping.is_set() and self._states:
-                messages = consumer.consume(cfg.batch_max_records, cfg.batch_max_ms / 1000)
+                size = self._poison.batch_size(cfg.batch_max_records)
+                messages = consumer.consume(size, cfg.batch_max_ms / 1000)
                 self._refresh_inputs(inputs)  # a batch sees inputs at most one TTL old
                 touched = self._step(messages, consumer, store, producer)
                 self._write_tiles(tiles, touched)
@@ -374,8 +388,8 @@ class PartitionWorker:
             )
         with self._lock:
             records = {p: by_partition.get(p, []) for p in self._states}
-            outcomes, counted = process_batch(self._states, records, self._runtime)
-            offsets = counted_offsets(counted, records)
+            outcomes, counted, folded = self._process(records)
+            offsets = counted_offsets(counted, folded)
             outboxes = {
                 p: (o, Outbox.of(o, records[p], offsets.get(p, set())))
                 for p, o in outcomes.items()
@@ -388,7 +402,7 @@ class PartitionWorker:
             return []
         saved = self._checkpoint(store, {p: box for p, (_o, box) in outboxes.items()})
         self._maybe_crash("before_sink")
-        events = raw_event_rows(counted, records, set(saved))
+        events = raw_event_rows(counted, folded, set(saved))
         written, events_written = self._apply(saved, producer, events)
         self._maybe_crash("after_sink")
         self._commit(consumer, [p for p in outboxes if records.get(p)])
@@ -405,8 +419,45 @@ class PartitionWorker:
                 s.rejected += len(outcome.rejected)
                 s.filtered += outcome.filtered
                 s.alerts += len(outcome.alerts)
+        self._poison.succeeded(self._config.batch_max_records)
         self._note_sealed()
         return sorted(saved)
+
+    def _process(
+        self, records: dict[int, list[RecordRef]]
+    ) -> tuple[dict[int, BatchOutcome], pa.Table | None, dict[int, list[RecordRef]]]:
+        """Fold the batch but its known poison records, which become dead letters.
+
+        Returns:
+            The outcomes, the counted rows, and the records that were folded (the rows'
+            ``_row`` index into them).
+
+        Raises:
+            _BatchFailed: the fold raised something other than a store being down; the
+                states are then unusable, and the loop starts over from the snapshot.
+        """
+        folded: dict[int, list[RecordRef]] = {}
+        poisoned: dict[int, list[tuple[RecordRef, str]]] = {}
+        for p, refs in records.items():
+            folded[p] = []
+            for ref in refs:
+                reason = self._poison.reason(p, ref.offset)
+                if reason is None:
+                    folded[p].append(ref)
+                else:
+                    poisoned.setdefault(p, []).append((ref, reason))
+        try:
+            outcomes, counted = process_batch(self._states, folded, self._runtime)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            pairs = [(p, r.offset) for p, batch in folded.items() for r in batch]
+            raise _BatchFailed(pairs) from exc
+        for p, letters in poisoned.items():
+            outcomes[p].rejected.extend(letters)
+            last = max(ref.offset for ref, _reason in letters)
+            self._states[p].next_offset = max(self._states[p].next_offset, last + 1)
+        return outcomes, counted, folded
 
     def _note_sealed(self) -> None:
         """Record each partition's lowest watermark now that every event below it is
@@ -730,6 +781,14 @@ class PartitionWorker:
                     state.watermark.at_end(asked_at)
                 else:
                     state.watermark.not_at_end()
+
+
+class _BatchFailed(Exception):
+    """A batch's fold raised; ``records`` are its (partition, offset) pairs."""
+
+    def __init__(self, records: list[tuple[int, int]]) -> None:
+        super().__init__(f"{len(records)} records")
+        self.records = records
 
 
 def counted_offsets(

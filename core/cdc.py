@@ -274,7 +274,7 @@ def _row(columns: Sequence[CdcColumn], image: Mapping[str, Any], fill: bool) -> 
     for column in columns:
         try:
             converted = convert(column, image.get(column.name))
-        except (ValueError, TypeError, decimal.InvalidOperation) as exc:
+        except (ValueError, TypeError, OverflowError, decimal.InvalidOperation) as exc:
             raise CdcEventError(
                 f"column {column.name!r}: value {image.get(column.name)!r} is not a valid "
                 f"{column.logical or column.source_type}: {exc}"

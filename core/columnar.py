@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from core.avro import AvroError, is_framed
-from core.envelope import check_stored
+from core.envelope import MAX_ABS_VALUE, STORED_TS_RANGE_MS, check_stored
 from core.event_time import Agg, Hopping, Tumbling
 from core.sketches import ddsketch_by_group, hll_by_group
 
@@ -104,9 +104,21 @@ def decode_json(values: Sequence[bytes | None], layout: Layout) -> pa.Table | No
         return None
     if not pc.all(pc.is_finite(table["value"])).as_py():
         return None
+    if not _in_bounds(table):  # the record-by-record path names the record and field
+        return None
     if layout.attributes:
         table = table.flatten()
     return table.combine_chunks()
+
+
+def _in_bounds(table: pa.Table) -> bool:
+    ts, value = table["ts"], table["value"]
+    low, high = STORED_TS_RANGE_MS
+    return bool(
+        pc.min(ts).as_py() >= low
+        and pc.max(ts).as_py() < high
+        and pc.max(pc.abs(value)).as_py() <= MAX_ABS_VALUE
+    )
 
 
 def decode_record(

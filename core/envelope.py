@@ -39,8 +39,18 @@ _TYPE_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 _MAX_ID_LEN = 128
 _MAX_ENTITY_LEN = 256
 # Event times outside this range are almost always a unit mistake (ms sent as s).
-_MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
-_MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+STORED_TS_RANGE_MS = (0, 9_223_372_036_854)
+"""Event times a worker takes from a topic (1970 to 2262, where int64 nanoseconds
+end): wider than ingest's, so records produced by other tools still count."""
+MAX_ABS_VALUE = 1e18
+"""``|value|`` bound: sums of a full batch of them stay finite in ClickHouse's Float64."""
+MAX_ATTRIBUTE_DEPTH = 64
+"""Nesting bound of ``attributes`` (orjson writes at most 255 levels; a deeper object
+that parsed could never be written to Kafka again)."""
+MAX_EVENT_BYTES = 512 * 1024
+"""Bound of one encoded envelope (Kafka's default message limit is 1 MiB)."""
 
 KNOWN_FIELDS = frozenset(
     {"event_id", "tenant", "type", "ts", "source", "entity", "value", "attributes"}
@@ -131,10 +141,16 @@ def parse_event_time(value: Any) -> int:
             )
         ts_ms = int(parsed.timestamp() * 1000)
     else:
-        if not math.isfinite(value):
+        # Checked before scaling: 1e306 * 1000 is inf, and int(inf) raises OverflowError.
+        if not _finite(value):
             raise ValueError(f"expected a finite number of epoch seconds, got {value!r}")
+        if not MIN_TS_MS <= value * 1000 < MAX_TS_MS:
+            raise ValueError(
+                f"expected a time between 2000 and 2100 (epoch seconds, not milliseconds), "
+                f"got {_describe(value)}"
+            )
         ts_ms = int(value * 1000)
-    if not _MIN_TS_MS <= ts_ms < _MAX_TS_MS:
+    if not MIN_TS_MS <= ts_ms < MAX_TS_MS:
         raise ValueError(
             f"expected a time between 2000 and 2100 (epoch seconds, not milliseconds), "
             f"got {_describe(value)}"
@@ -216,15 +232,13 @@ def _validate_one(
             )
         )
     value = raw.get("value", 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        errors.append(
-            FieldError(index, "value", f"expected a finite number, got {_describe(value)}")
-        )
+    problem = value_problem(value)
+    if problem is not None:
+        errors.append(FieldError(index, "value", problem))
     attributes = raw.get("attributes", {})
-    if not isinstance(attributes, dict):
-        errors.append(
-            FieldError(index, "attributes", f"expected object, got {_type_name(attributes)}")
-        )
+    problem = attributes_problem(attributes)
+    if problem is not None:
+        errors.append(FieldError(index, "attributes", problem))
     if len(errors) > before:
         return None
     return {
@@ -269,6 +283,54 @@ def validate_events(
     return envelopes, errors
 
 
+def _finite(number: float) -> bool:
+    # math.isfinite raises OverflowError on an int too large for a float.
+    return isinstance(number, int) or math.isfinite(number)
+
+
+def value_problem(value: Any) -> str | None:
+    """What is wrong with an event's ``value``, or None when it is fine."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"expected a finite number, got {_describe(value)}"
+    if not _finite(value) or not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+        return f"expected a finite number within ±{MAX_ABS_VALUE:g}, got {_describe(value)}"
+    return None
+
+
+def attributes_problem(attributes: Any) -> str | None:
+    """What is wrong with an event's ``attributes``, or None when they are fine.
+
+    They must be an object with string keys, nested at most ``MAX_ATTRIBUTE_DEPTH``
+    levels deep. The walk is iterative, so no input can exhaust the stack.
+    """
+    if not isinstance(attributes, dict):
+        return f"expected object, got {_type_name(attributes)}"
+    stack: list[tuple[Any, int]] = [(attributes, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_ATTRIBUTE_DEPTH:
+            return f"nest more than {MAX_ATTRIBUTE_DEPTH} levels deep; flatten them"
+        if isinstance(node, dict):
+            for key, child in node.items():
+                if not isinstance(key, str):
+                    return f"expected string keys, got {_type_name(key)} key {_describe(key)}"
+                if isinstance(child, (dict, list)):
+                    stack.append((child, depth + 1))
+        else:
+            stack.extend((child, depth + 1) for child in node if isinstance(child, (dict, list)))
+    return None
+
+
+def size_problem(size: int) -> str | None:
+    """Why an encoded envelope of ``size`` bytes is too large, or None when it fits."""
+    if size <= MAX_EVENT_BYTES:
+        return None
+    return (
+        f"the event is {size:,} bytes encoded; at most {MAX_EVENT_BYTES:,} bytes are "
+        f"allowed: move bulky data to an upload or an object store"
+    )
+
+
 def partition_key(envelope: dict[str, Any]) -> bytes:
     """The Kafka key: every event of one (tenant, entity) lands on one partition."""
     return f"{envelope['tenant']}:{envelope['entity']}".encode()
@@ -285,10 +347,16 @@ def check_stored(record: Any) -> str | None:
     for field in ("event_id", "tenant", "type"):
         if not isinstance(record.get(field), str):
             return f"field '{field}' expected string, got {_type_name(record.get(field))}"
+    source = record.get("source")
+    if source is not None and not isinstance(source, str):
+        return f"field 'source' expected string, got {_type_name(source)}"
     ts = record.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, int):
         return f"field 'ts' expected integer epoch milliseconds, got {_type_name(ts)}"
-    value = record.get("value")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"field 'value' expected a finite number, got {_describe(value)}"
+    low, high = STORED_TS_RANGE_MS
+    if not low <= ts < high:
+        return f"field 'ts' expected epoch milliseconds from {low} to {high - 1}, got {ts}"
+    problem = value_problem(record.get("value"))
+    if problem is not None:
+        return f"field 'value' {problem}"
     return None

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Body, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -201,7 +201,30 @@ def _not_found(what: str, ident: str) -> ApiError:
 
 _TENANT_QUERY = Query(None, description="Platform key only: the tenant to act for.")
 _RULE_BODY = Body(..., description="The rule spec (docs/alerting.md); `enabled` optional.")
-_router = APIRouter()
+
+
+async def _refuse_nul(request: Request) -> None:
+    """A NUL anywhere in the path, the query or the body is a 422: PostgreSQL, where
+    rules, incidents and silences live, refuses it (text and jsonb alike), which
+    would otherwise surface as a 503 that no retry can fix."""
+    where = None
+    if any("\x00" in str(v) for v in request.path_params.values()):
+        where = "path"
+    elif "%00" in request.url.query or "\x00" in request.url.query:
+        where = "query"
+    else:
+        body = await request.body()  # cached: the handler reads it again
+        if b"\x00" in body or b"\\u0000" in body:
+            where = "body"
+    if where is not None:
+        raise ApiError(
+            422,
+            "invalid request",
+            [{"field": where, "message": "contains a NUL character, which cannot be stored"}],
+        )
+
+
+_router = APIRouter(dependencies=[Depends(_refuse_nul)])
 
 
 # -------------------------------------------------------------------------------- rules

@@ -51,7 +51,14 @@ from adapters.source_stats import AsyncSourceStats
 from adapters.sources import Source, SourceCatalog
 from core import avro, formats, signatures
 from core.dead_letters import dead_letter_headers
-from core.envelope import ENVELOPE_SCHEMA, FieldError, partition_key, validate_events
+from core.envelope import (
+    ENVELOPE_SCHEMA,
+    FieldError,
+    name_problem,
+    partition_key,
+    size_problem,
+    validate_events,
+)
 from core.exceptions import ConfigurationError
 from core.source_mapping import apply_mapping, parse_mapping
 from serve_apps.auth import ALL_TENANTS, ApiKeys, AuthFailed
@@ -249,6 +256,8 @@ class IngestEdge:
         return tenant
 
     async def _source(self, name: str) -> Source:
+        if name_problem("source", name) is not None:  # e.g. a NUL, which PostgreSQL refuses
+            raise _Reject(Answer.error(404, f"no webhook source named {name[:80]!r}"))
         try:
             source = await self._sources.get(name)
         except StoreUnavailable as exc:
@@ -365,7 +374,7 @@ class IngestEdge:
             )
             if problems:
                 decoded.errors.append(
-                    formats.RecordError(index, "; ".join(problems), orjson.dumps(payload))
+                    formats.RecordError(index, "; ".join(problems), _raw(payload))
                 )
                 continue
             if tenant != ALL_TENANTS:
@@ -451,7 +460,11 @@ class IngestEdge:
             envelope, subject = next(good)
             schema = schemas[subject]
             if schema is None:  # the common case: no schema, JSON on the topic
-                batch.raw.append((partition_key(envelope), orjson.dumps(envelope), plain))
+                data, problem = _dumps(envelope)
+                if problem is not None:
+                    self._reject(batch, source, index, [("", problem)], _raw(record), received)
+                    continue
+                batch.raw.append((partition_key(envelope), data, plain))
                 continue
             encoded = _encode(envelope, subject, *schema)
             if isinstance(encoded, str):
@@ -531,9 +544,23 @@ def _group(problems: list[FieldError]) -> dict[int, list[FieldError]]:
 
 
 def _raw(record: Any) -> bytes:
+    """The record as the dead letter's value: its JSON, or a bounded description."""
     with contextlib.suppress(TypeError):
         return orjson.dumps(record)
-    return repr(record).encode()
+    try:
+        text = repr(record)
+    except RecursionError:
+        text = f"<a {type(record).__name__} nested too deep to write>"
+    return text[:4096].encode(errors="backslashreplace")
+
+
+def _dumps(envelope: dict[str, Any]) -> tuple[bytes, str | None]:
+    """The envelope as JSON, or why it cannot go to Kafka (too deep, too large)."""
+    try:
+        data = orjson.dumps(envelope)
+    except orjson.JSONEncodeError as exc:
+        return b"", f"cannot be written as JSON: {exc}"
+    return data, size_problem(len(data))
 
 
 def _encode(envelope: dict[str, Any], subject: str, schema_id: int, parsed: Any) -> bytes | str:

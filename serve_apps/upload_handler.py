@@ -46,6 +46,7 @@ from adapters.s3 import MultipartWriter, S3Config, S3Store
 from adapters.sources import Source, SourceCatalog
 from adapters.uploads import Upload, UploadTable
 from core import formats
+from core.envelope import name_problem
 from serve_apps.auth import ApiKeys, AuthFailed
 
 ROUTE_PREFIX = "/v1/uploads"
@@ -55,6 +56,7 @@ UPLOAD_FORMATS = ("csv", "ndjson", "avro-container", "parquet")
 MAX_UPLOAD_BYTES = 10 * 1024**3
 _FILENAME_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_FILENAME = 200
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +149,10 @@ class UploadsHandler:
     async def get(self, upload_id: str, request: Request) -> Response:
         try:
             tenant = await self._keys.tenant_for(request)
+            if not _UPLOAD_ID.match(upload_id):  # checked here: PostgreSQL refuses a NUL
+                return _json_error(
+                    404, f"no upload {upload_id[:80]!r}: an upload id is 32 hex digits"
+                )
             upload = await self._table.get(upload_id, tenant)
         except AuthFailed as exc:
             return _json_error(exc.status, str(exc))
@@ -192,6 +198,9 @@ class UploadsHandler:
         return upload
 
     async def _check_source(self, name: str, tenant: str) -> None:
+        problem = name_problem("source", name)
+        if problem is not None:
+            raise _Refused(400, f"query parameter 'source' {problem}")
         source: Source | None = await self._catalog.source(name)
         if source is None or source.tenant != tenant:
             raise _Refused(
