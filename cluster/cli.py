@@ -55,7 +55,7 @@ def main(
     ] = None,
 ) -> None:
     settings = load_settings(config)
-    if ctx.invoked_subcommand == "up":
+    if ctx.invoked_subcommand in ("up", "demo"):
         # The first `up` generates the install's secrets; every later load reads them.
         local_secrets.ensure(settings.paths.state_dir)
         settings = load_settings(config)
