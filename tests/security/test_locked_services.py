@@ -181,28 +181,34 @@ print("CONNECTED")
 """
 
 
-def test_ray_refuses_a_driver_without_the_token(stack: Settings) -> None:
+def _driver(address: str, **auth: str) -> str:
+    """Try to join the cluster from a fresh process with only ``auth`` for Ray's auth
+    variables; return what it printed."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env["RAY_AUTH_MODE"] = "disabled"
     env["HOME"] = "/nonexistent"  # no ~/.ray/auth_token to fall back on
+    env.update(auth)
     result = subprocess.run(
-        [sys.executable, "-c", _DRIVER, stack.ray.address],
+        [sys.executable, "-c", _DRIVER, address],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
-    assert "CONNECTED" not in result.stdout, result.stdout + result.stderr
-    env["RAY_AUTH_MODE"] = "token"
-    env["RAY_AUTH_TOKEN"] = "0" * 64
-    result = subprocess.run(
-        [sys.executable, "-c", _DRIVER, stack.ray.address],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "CONNECTED" not in result.stdout, result.stdout + result.stderr
+    return result.stdout + result.stderr[-2000:]
+
+
+def test_ray_refuses_a_driver_without_the_token(stack: Settings) -> None:
+    address = stack.ray.address
+    without = _driver(address, RAY_AUTH_MODE="disabled")
+    assert "CONNECTED" not in without
+    assert "REFUSED" in without
+    wrong = _driver(address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64)
+    assert "CONNECTED" not in wrong
+    assert "REFUSED" in wrong
+    # the same driver with the install's token file gets in: the refusals were the token's
+    token_file = str(stack.paths.state_dir / local_secrets.RAY_TOKEN_FILE)
+    right = _driver(address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token_file)
+    assert "CONNECTED" in right, right
 
 
 def _processes() -> list[tuple[str, str]]:
