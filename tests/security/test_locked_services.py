@@ -213,7 +213,10 @@ def test_ray_refuses_a_driver_without_the_token(stack: Settings) -> None:
 
 def _processes() -> list[tuple[str, str]]:
     out = subprocess.run(
-        ["ps", "-eo", "user:32,args", "--no-headers"], capture_output=True, text=True, check=True
+        ["ps", "-ww", "-eo", "user:32,args", "--no-headers"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rows = []
     for line in out.splitlines():
