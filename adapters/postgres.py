@@ -37,6 +37,39 @@ def ensure_database(admin_dsn: str, database: str) -> bool:
         raise StoreUnavailable(f"PostgreSQL did not create database {database!r}: {exc}") from exc
 
 
+async def _administer(admin_dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(admin_dsn, timeout=5)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def set_password(admin_dsn: str, user: str, password: str) -> None:
+    """Give ``user`` the password ``password`` (stored as a scram-sha-256 verifier).
+
+    Raises:
+        StoreUnavailable: PostgreSQL refused or could not be reached.
+    """
+    quoted_user = '"' + user.replace('"', '""') + '"'
+    literal = "'" + password.replace("'", "''") + "'"  # ALTER ROLE takes no parameters
+    try:
+        asyncio.run(_administer(admin_dsn, f"ALTER ROLE {quoted_user} PASSWORD {literal}"))
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        # The statement holds the password: name the failure, never the statement.
+        raise StoreUnavailable(
+            f"PostgreSQL did not set the password of {user!r}: {exc.__class__.__name__}"
+        ) from None
+
+
+def reload_configuration(admin_dsn: str) -> None:
+    """Make the server re-read its configuration files (``pg_hba.conf``)."""
+    try:
+        asyncio.run(_administer(admin_dsn, "SELECT pg_reload_conf()"))
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise StoreUnavailable(f"PostgreSQL did not reload its configuration: {exc}") from exc
+
+
 async def _ping(dsn: str) -> bool:
     conn = await asyncpg.connect(dsn, timeout=2)
     try:

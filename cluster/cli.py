@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sys
 import threading
 import time
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from cluster import local_secrets
 from cluster.cli_cdc import cdc_app
 from cluster.cli_context import settings_of as _settings
 from cluster.cli_devices import devices_app
@@ -52,7 +54,14 @@ def main(
         ),
     ] = None,
 ) -> None:
-    ctx.obj = load_settings(config)
+    settings = load_settings(config)
+    if ctx.invoked_subcommand in ("up", "demo"):
+        # The first `up` generates the install's secrets; every later load reads them.
+        local_secrets.ensure(settings.paths.state_dir)
+        settings = load_settings(config)
+    # Before anything imports ray: it reads its auth mode then (cluster.deploy.connected).
+    local_secrets.export_ray_environment(settings)
+    ctx.obj = settings
 
 
 def _say(message: str) -> None:
@@ -444,6 +453,16 @@ def _print_summary(
     return ok
 
 
+@app.command("ray-env")
+def ray_env(ctx: typer.Context) -> None:
+    """Print the shell lines that let `ray` commands (`ray job submit`, `ray status`) and
+    your own drivers reach the local Ray head: its auth mode and the file holding its
+    token. The token itself is not printed."""
+    settings = _settings(ctx)
+    for name, value in local_secrets.ray_environment(settings).items():
+        console.print(f"export {name}={shlex.quote(value)}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 def config(
     ctx: typer.Context,
@@ -478,5 +497,6 @@ def run() -> None:
     try:
         app()
     except RaylineError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        # A DSN quoted in a message never shows its password.
+        err.print(f"[red]error:[/red] {local_secrets.redact(str(exc))}")
         sys.exit(2)

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster import connect
 from cluster.cli_context import settings_of as _settings
 from cluster.settings import Settings
 from core.exceptions import InvalidInputError
@@ -77,7 +78,10 @@ def connector_config(settings: Settings, tables: list[tuple[str, str]]) -> dict[
         "topic.creation.default.replication.factor": "1",
         "topic.creation.default.partitions": "1",
     }
-    if pg.password is not None:
+    if pg.password is not None and settings.cdc.managed:
+        # The local worker reads it from its secrets file (see cluster.connect).
+        config["database.password"] = connect.password_reference(settings)
+    elif pg.password is not None:
         config["database.password"] = pg.password.get_secret_value()
     return config
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adapters.kafka import TopicSpec
@@ -33,6 +34,10 @@ def worker_properties(s: Settings) -> str:
         "topic.creation.enable=true",
         # Connectors are on the class path; no plugin.path to scan.
         "plugin.discovery=only_scan",
+        # Connector configs name secrets as ${file:<path>:<key>}: the stored config (its
+        # topic, the REST API's answers, the logs) holds the reference, not the secret.
+        "config.providers=file",
+        "config.providers.file.class=org.apache.kafka.common.config.provider.FileConfigProvider",
     ]
     for kind, topic in TOPICS.items():
         lines += [f"{kind}.storage.topic={topic}", f"{kind}.storage.replication.factor=1"]
@@ -45,8 +50,26 @@ def topic_specs() -> list[TopicSpec]:
     return [TopicSpec(t, 1, {"cleanup.policy": "compact"}) for t in TOPICS.values()]
 
 
+def secrets_path(settings: Settings) -> Path:
+    """The local worker's secrets file (mode 0600), read through its ``file`` provider."""
+    return settings.paths.state_dir / "connect" / "secrets.properties"
+
+
+def password_reference(settings: Settings) -> str:
+    """What a connector config says instead of PostgreSQL's password."""
+    return "${file:" + str(secrets_path(settings)) + ":postgres.password}"
+
+
 def write_config(settings: Settings, home: Path) -> None:
-    """The worker's properties and its logging setup under ``home``."""
+    """The worker's properties, its logging setup and its secrets under ``home``."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "worker.properties").write_text(worker_properties(settings))
     (home / "log4j2.properties").write_text(log4j2_console({"org.reflections": "ERROR"}))
+    password = settings.postgres.password
+    text = "" if password is None else f"postgres.password={password.get_secret_value()}\n"
+    tmp = secrets_path(settings).with_name("secrets.properties.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.replace(secrets_path(settings))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,12 +24,14 @@ from actors.poller_supervisor import SUPERVISOR_NAME as POLLER_NAME
 from actors.poller_supervisor import PollerSupervisor, SupervisorConfig
 from adapters.clickhouse import Retention
 from adapters.s3 import S3Config
+from cluster import local_secrets
 from cluster.deploy_alerting import deploy_alerting
 from cluster.deploy_archive import deploy_archiver
 from cluster.mosquitto import bridge_config
 from cluster.processes import ServiceFailed
 from cluster.settings import Settings
 from core.columnar import Layout
+from core.exceptions import ConfigurationError
 from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment, parse_transforms
 from data_jobs import publish_upload
@@ -57,9 +58,10 @@ def connected(settings: Settings) -> Iterator[None]:
         yield
         return
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
-    # Ray turns token auth on by itself once ~/.ray/auth_token exists (any local
-    # `ray.init()` writes one); driver and head must agree, so the setting decides.
-    os.environ["RAY_AUTH_MODE"] = settings.ray.auth_mode
+    # Driver and head must agree, so the settings decide (not ~/.ray/auth_token). Ray
+    # read its auth mode when it was imported: the entry point set it before that.
+    local_secrets.export_ray_environment(settings)
+    _check_auth_mode(settings)
     ray.init(
         address=settings.ray.address,
         namespace=settings.ray.namespace,
@@ -70,6 +72,23 @@ def connected(settings: Settings) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_auth_mode(settings: Settings) -> None:
+    """Fail clearly, not after a minute of refused retries, when this process's Ray
+    imported another auth mode than the settings ask for."""
+    from ray._raylet import (  # type: ignore[attr-defined]
+        AuthenticationMode,
+        get_authentication_mode,
+    )
+
+    wanted = settings.ray.auth_mode
+    if (get_authentication_mode() == AuthenticationMode.TOKEN) != (wanted == "token"):
+        raise ConfigurationError(
+            f"this process imported Ray before its auth mode was set (ray.auth_mode is "
+            f"{wanted!r}); call cluster.local_secrets.export_ray_environment(settings) "
+            "before importing ray, or run it with the variables `rayline ray-env` prints"
+        )
 
 
 def worker_config(settings: Settings) -> WorkerConfig:

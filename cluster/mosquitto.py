@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -37,15 +38,20 @@ def password_path(settings: Settings) -> Path:
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Replace ``path`` atomically: the broker never reads half a file."""
+    """Replace ``path`` atomically: the broker never reads half a file. The file gets
+    its folder's owner, so a broker that dropped to its own user can re-read it."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+    folder = path.parent.stat()
+    if os.geteuid() == 0:
+        os.chown(tmp, folder.st_uid, folder.st_gid)
     tmp.replace(path)
 
 
-def config_text(settings: Settings) -> str:
+def config_text(settings: Settings, user: str | None = None) -> str:
+    """The broker's configuration; ``user``: the one it drops to when started by root."""
     m = settings.mqtt
     base = home(settings)
     lines = [
@@ -69,9 +75,9 @@ def config_text(settings: Settings) -> str:
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
     ]
     if os.geteuid() == 0:
-        # Run as root rather than drop to a `mosquitto` user that cannot reach a state
-        # folder under a private home directory.
-        lines.append("user root")
+        # Drop to the package's `mosquitto` user, or stay root when it cannot reach the
+        # state folder (a clone under a private home directory).
+        lines.append(f"user {user or 'root'}")
     return "\n".join(lines) + "\n"
 
 
@@ -86,11 +92,23 @@ def acl_text(settings: Settings) -> str:
     )
 
 
-def prepare(settings: Settings) -> None:
-    """Write the configuration and ACL; a first password file holds the bridge only."""
+def prepare(settings: Settings, user: str | None = None) -> None:
+    """Write the configuration and ACL; a first password file holds the bridge only.
+
+    Args:
+        settings: The settings.
+        user: The user the broker runs as (started by root); its folder, files and
+            log file become that user's.
+    """
     base = home(settings)
     (base / "data").mkdir(parents=True, exist_ok=True)
-    _write(base / "mosquitto.conf", config_text(settings), 0o644)
+    log = settings.paths.state_dir / "logs" / "mosquitto.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.touch()
+    if user is not None:
+        for path in [base, *base.rglob("*"), log]:
+            shutil.chown(path, user, user)
+    _write(base / "mosquitto.conf", config_text(settings, user), 0o644)
     _write(base / "acl", acl_text(settings))
     if not password_path(settings).exists():
         write_passwords(settings, [])

@@ -229,10 +229,15 @@ class RaySettings(_Part):
     object_store_mb: int = Field(1024, ge=128, description="Object store size of the local head.")
     namespace: str = Field("rayline", description="Ray namespace of Rayline's named actors.")
     auth_mode: Literal["disabled", "token"] = Field(
-        "disabled",
+        "token",
         description="Ray token authentication (RAY_AUTH_MODE) of the head `up` starts and of "
-        "Rayline's drivers. The local head listens on 127.0.0.1 only; use 'token' (with "
-        "RAY_AUTH_TOKEN or ~/.ray/auth_token) for a shared cluster.",
+        "Rayline's drivers: every dashboard, job API and GCS call must carry the token.",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Ray auth token (never logged). Default for the local head: generated at "
+        "the first `up` (state folder's secrets.json); else Ray's own lookup "
+        "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).",
     )
 
     @property
@@ -733,7 +738,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         )
     try:
         with _reading(config_file):
-            return Settings(**overrides)
+            settings = Settings(**overrides)
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
@@ -747,6 +752,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             + "\n".join(lines)
             + "\nsee `rayline config --help` and docs/configuration.md"
         ) from None
+    from cluster import local_secrets
+
+    # The local stack's generated secrets (none before the first `up`), unless set here.
+    return local_secrets.apply(settings)
 
 
 def describe_settings() -> list[tuple[str, str, str, str]]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,7 @@ from adapters import mqtt as mqtt_adapter
 from adapters import postgres as pg_adapter
 from adapters import redis as redis_adapter
 from adapters import s3 as s3_adapter
-from cluster import connect, mosquitto
+from cluster import connect, local_secrets, mosquitto
 from cluster.processes import (
     ProcessSpec,
     ServiceFailed,
@@ -175,31 +177,16 @@ class LocalStack:
         )
 
     def _redis_spec(self) -> ProcessSpec:
+        # The password is in the configuration file (mode 0600), never on the command line.
         r = self.settings.redis
-        argv = [
-            _need("redis-server"),
-            "--port",
-            str(r.port),
-            "--bind",
-            r.host,
-            "--dir",
-            str(self.state / "redis"),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ]
-        if r.password is not None:
-            argv += ["--requirepass", r.password.get_secret_value()]
         password = r.password.get_secret_value() if r.password else None
         return ProcessSpec(
             name="redis",
-            argv=argv,
+            argv=[_need("redis-server"), str(self.state / "redis" / "redis.conf")],
             ports=[r.port],
             ready=lambda: redis_adapter.answers(r.host, r.port, password),
             log_file=self.logs / "redis.log",
+            user=self._service_user("redis"),
         )
 
     def _s3_spec(self) -> ProcessSpec:
@@ -208,16 +195,13 @@ class LocalStack:
         s3 = self.settings.s3
         return ProcessSpec(
             name="s3",
-            argv=[
-                str(Path(sys.executable).parent / "moto_server"),
-                "--host",
-                s3.host,
-                "--port",
-                str(s3.port),
-            ],
+            # Through a wrapper that makes moto check every request's signature against
+            # the install's key pair, read from a file (mode 0600), not from argv.
+            argv=[sys.executable, "-m", "cluster.s3_server", str(self._s3_credentials())],
             ports=[s3.port],
             ready=lambda: s3_adapter.answers(f"http://{s3.host}:{s3.port}"),
             log_file=self.logs / "s3.log",
+            cwd=PROJECT_ROOT,
         )
 
     def _mosquitto_spec(self) -> ProcessSpec:
@@ -297,7 +281,7 @@ class LocalStack:
             log_file=self.logs / "ray.log",
             env={
                 "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_AUTH_MODE": r.auth_mode,
+                **local_secrets.ray_environment(s),
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if s.serve.throughput_optimized else "0",
             },
             start_timeout=120,
@@ -452,6 +436,50 @@ class LocalStack:
     def _pg_user(self) -> str | None:
         return "postgres" if os.geteuid() == 0 else None
 
+    def _service_user(self, name: str) -> str | None:
+        """The system user a service drops to when run by root (its Debian package made
+        it), when that user can reach the state folder; else None: run as the caller."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return None
+        return name if _reachable_by(name, self.state) else None
+
+    def _prepare_redis(self) -> None:
+        """Redis's folder and configuration (with the password), owned by its user."""
+        r = self.settings.redis
+        home = self.state / "redis"
+        home.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"port {r.port}",
+            f"bind {r.host}",
+            f"dir {home}",
+            'save ""',
+            "appendonly no",
+            "daemonize no",
+        ]
+        if r.password is not None:
+            lines.append(f"requirepass {r.password.get_secret_value()}")
+        _write_owned(home / "redis.conf", "\n".join(lines) + "\n", self._service_user("redis"))
+        _chown_tree(home, self._service_user("redis"))
+
+    def _s3_credentials(self) -> Path:
+        return self.state / "s3" / "credentials.json"
+
+    def _prepare_s3(self) -> None:
+        s3 = self.settings.s3
+        text = json.dumps(
+            {
+                "host": s3.host,
+                "port": s3.port,
+                "access_key_id": s3.access_key_id,
+                "secret_access_key": s3.secret_access_key.get_secret_value(),
+            }
+        )
+        _write_owned(self._s3_credentials(), text, None)
+
     def _pg_admin_dsn(self) -> str:
         p = self.settings.postgres
         return p.model_copy(update={"database": "postgres"}).dsn()
@@ -512,26 +540,63 @@ class LocalStack:
             shutil.chown(root, user, user)
             root.chmod(0o700)
         self.say(f"creating the PostgreSQL cluster in {root} (initdb) ...")
-        result = subprocess.run(
-            [
-                _postgres_bin("initdb"),
-                "-D",
-                str(data),
-                "-A",
-                "trust",
-                "-U",
-                self.settings.postgres.user,
-                "-E",
-                "UTF8",
-                "--no-instructions",
-            ],
-            capture_output=True,
-            text=True,
-            user=user,
-            group=user,
-        )
+        password = self.settings.postgres.password
+        # The superuser's password goes to initdb in a file (mode 0600, its user's),
+        # removed right after; every connection then needs it (scram-sha-256).
+        pwfile = root / "initdb.pw"
+        secret = password.get_secret_value() if password is not None else ""
+        _write_owned(pwfile, secret + "\n", user)
+        auth = ["-A", "scram-sha-256", f"--pwfile={pwfile}"] if password else ["-A", "trust"]
+        try:
+            result = subprocess.run(
+                [
+                    _postgres_bin("initdb"),
+                    "-D",
+                    str(data),
+                    *auth,
+                    "-U",
+                    self.settings.postgres.user,
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ],
+                capture_output=True,
+                text=True,
+                user=user,
+                group=user,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ServiceFailed(f"initdb failed:\n{result.stdout}{result.stderr}")
+
+    def _lock_postgres(self) -> None:
+        """Give a cluster made with ``trust`` (by an earlier Rayline) the password and
+        scram-sha-256 authentication, once: while trust is on, the password is ignored,
+        so the running server is reached, told the password and made to reload."""
+        p = self.settings.postgres
+        hba = self._pg_data() / "pg_hba.conf"
+        if p.password is None or not hba.exists():
+            return
+        if not any(
+            line.split()[-1:] == ["trust"]
+            for line in hba.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ):
+            return
+        self.say("PostgreSQL used trust authentication: setting its password (scram-sha-256)")
+        pg_adapter.set_password(self._pg_admin_dsn(), p.user, p.password.get_secret_value())
+        text = (
+            "# written by rayline up: every connection needs the password\n"
+            "local all all scram-sha-256\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host all all ::1/128 scram-sha-256\n"
+            "local replication all scram-sha-256\n"
+            "host replication all 127.0.0.1/32 scram-sha-256\n"
+            "host replication all ::1/128 scram-sha-256\n"
+        )
+        _write_owned(hba, text, self._pg_user())
+        pg_adapter.reload_configuration(self._pg_admin_dsn())
 
     def _claim_outside_postgres(self, root: Path, fresh: bool) -> None:
         """Make the cluster outside the state folder the state folder's own.
@@ -563,7 +628,8 @@ class LocalStack:
     def up(self) -> list[ServiceStatus]:
         """Start every managed service that is not running and wait until all answer."""
         s = self.settings
-        fresh = not self.state.exists() or not any(self.state.iterdir())
+        ours = {local_secrets.FILE_NAME, local_secrets.RAY_TOKEN_FILE}  # written before `up`
+        fresh = not self.state.exists() or all(p.name in ours for p in self.state.iterdir())
         (self.state / "redis").mkdir(parents=True, exist_ok=True)
         specs = self.specs()
         for spec in specs:
@@ -577,11 +643,17 @@ class LocalStack:
             elif spec.name == "connect":
                 self._prepare_connect()
             elif spec.name == "mosquitto":
-                mosquitto.prepare(s)
+                mosquitto.prepare(s, self._service_user("mosquitto"))
+            elif spec.name == "redis":
+                self._prepare_redis()
+            elif spec.name == "s3":
+                self._prepare_s3()
             self.say(f"starting {spec.name} on port {', '.join(map(str, spec.ports))} ...")
             self.supervisor.launch(spec)
         for spec in specs:
             self.supervisor.wait_ready(spec)
+        if s.postgres.managed:
+            self._lock_postgres()
         created = kafka_adapter.ensure_topics(
             s.kafka.bootstrap,
             [
@@ -675,3 +747,26 @@ def _postmaster_pid(data: Path) -> int | None:
         return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
+
+
+def _write_owned(file: Path, text: str, user: str | None) -> None:
+    """Replace ``file`` atomically with ``text``, mode 0600, owned by ``user`` (or the
+    caller): a service's configuration that holds a secret."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    if user is not None:
+        shutil.chown(tmp, user, user)
+    tmp.replace(file)
+
+
+def _chown_tree(folder: Path, user: str | None) -> None:
+    """Give ``folder`` and everything in it to ``user`` (nothing when None)."""
+    if user is None:
+        return
+    shutil.chown(folder, user, user)
+    for path in folder.rglob("*"):
+        shutil.chown(path, user, user)

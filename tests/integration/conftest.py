@@ -5,7 +5,6 @@ and stopped at the end by `rayline down`. Tests isolate themselves by uuid tenan
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -19,17 +18,22 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-import ray
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import end_offsets
+from cluster import local_secrets
 from cluster.processes import port_open
 from cluster.settings import Settings, load_settings
 
 RAYLINE = Path(sys.executable).parent / "rayline"
-# A local `ray.init()` in a test (uploads run their job on one) would otherwise write
-# ~/.ray/auth_token and switch every later driver to token auth, unlike the stack's head.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The install's secrets exist before the session's `rayline up` (which would make them),
+# so that this process's drivers carry the stack's Ray token from the first `ray.init()`
+# on: Ray reads RAY_AUTH_MODE and the token once. A local `ray.init()` in a test
+# (uploads run their job on one) uses the same token.
+local_secrets.ensure(load_settings().paths.state_dir)
+local_secrets.export_ray_environment(load_settings())
+import ray  # noqa: E402  (after its auth environment, which it reads on import)
+
 T = TypeVar("T")
 
 
