@@ -27,7 +27,7 @@ from adapters.alert_store import AlertStore
 from adapters.notifiers import ChannelConfig, build_senders
 from cluster.settings import Settings
 from core.incidents import RetryPolicy
-from tests.integration.conftest import api_key, deployed_paused
+from tests.integration.conftest import api_key, deployed_paused, eventually
 from tests.integration.query_data import MINUTE_MS, Event, events_table
 from tests.integration.test_alerting import ROUTING_KEY, Receivers
 
@@ -82,64 +82,72 @@ def test_an_injected_anomaly_fires_one_incident_that_resolves_with_one_page_each
 ) -> None:
     tenant = f"al-{uuid.uuid4().hex[:8]}"
     key = api_key(stack, tenant)
-    api = httpx.Client(
+    with httpx.Client(
         base_url=f"http://{stack.serve.host}:{stack.serve.port}/v1/alerts",
         headers={"authorization": f"Bearer {key}"},
         timeout=30,
-    )
-    rule = {
-        "id": "orders-spike",
-        "type": "orders",
-        "window": "1m",
-        "metric": "count",
-        "condition": {
-            "kind": "anomaly",
-            "detector": {"kind": "mad", "window": 30, "min_samples": 8},
-        },
-        "severity": "error",
-    }
-    created = api.post("/rules", json=rule)
-    assert created.status_code == 201, created.text
-    with deployed_paused(stack, "rayline-alerting"):
-        ray.init(address=stack.ray.address, namespace=stack.ray.namespace, log_to_driver=False)
-        try:
-            owner = ray.get_actor(OWNER_NAME, namespace=stack.ray.namespace)
-            ref: Any = owner.rollup_status.remote()
-            status: dict[str, Any] = ray.get(ref)
-            sealed = int(status["sealed"]["windows_1m"])
-            base = sealed + 3 * MINUTE_MS  # past what the sealing loop reaches meanwhile
-            now = int(time.time() * 1000)
-            assert base + 16 * MINUTE_MS < now - 20 * MINUTE_MS, (
-                f"sealed up to {sealed}, too close to now ({now}) for a 16-minute series"
-            )
-            ray.get(
-                owner.insert_events.remote(events_table(steady_series_with_a_spike(tenant, base)))
-            )
-            ray.get(owner.advance_rollups.remote(base + 16 * MINUTE_MS))
-            store, client = AlertStore(stack.postgres.dsn()), httpx.Client(timeout=5)
+    ) as api:
+        rule = {
+            "id": "orders-spike",
+            "type": "orders",
+            "window": "1m",
+            "metric": "count",
+            "condition": {
+                "kind": "anomaly",
+                "detector": {"kind": "mad", "window": 30, "min_samples": 8},
+            },
+            "severity": "error",
+        }
+        created = api.post("/rules", json=rule)
+        assert created.status_code == 201, created.text
+        with deployed_paused(stack, "rayline-alerting"):
+            ray.init(address=stack.ray.address, namespace=stack.ray.namespace, log_to_driver=False)
             try:
-                engine = _engine(stack, receivers, store, client, first_cursor=base - 1)
-                for _ in range(20):
-                    if not engine.step().more:
-                        break
-            finally:
-                store.close()
-                client.close()
-        finally:
-            ray.shutdown()
+                owner = ray.get_actor(OWNER_NAME, namespace=stack.ray.namespace)
 
-    incidents = api.get("/incidents").json()
-    assert len(incidents["incidents"]) == 1, incidents
-    [incident] = incidents["incidents"]
-    assert incident["state"] == "resolved"
-    assert incident["rule_id"] == "orders-spike"
-    ids = {incident["id"]}
-    pd = _mine(receivers.received.get("/pd", []), tenant, ids)
-    assert [p["event_action"] for p in pd] == ["trigger", "resolve"]
-    assert {p["dedup_key"] for p in pd} == ids
-    assert {p["routing_key"] for p in pd} == {ROUTING_KEY}
-    assert pd[0]["payload"]["custom_details"]["tenant"] == tenant
-    slack = _mine(receivers.received.get("/slack", []), tenant, ids)
-    assert [m["text"].split(":")[0] for m in slack] == ["Firing", "Resolved"]
-    assert api.delete("/rules/orders-spike").status_code in (200, 204)
-    api.close()
+                # The first minute is sealed once every partition has reported a watermark,
+                # which may be a little after the stack came up.
+                def seal_status() -> dict[str, Any]:
+                    ref: Any = owner.rollup_status.remote()
+                    answer: dict[str, Any] = ray.get(ref)
+                    return answer
+
+                status = eventually(seal_status, lambda s: "windows_1m" in s["sealed"], timeout=180)
+                sealed = int(status["sealed"]["windows_1m"])
+                base = sealed + 3 * MINUTE_MS  # past what the sealing loop reaches meanwhile
+                now = int(time.time() * 1000)
+                assert base + 16 * MINUTE_MS < now - 20 * MINUTE_MS, (
+                    f"sealed up to {sealed}, too close to now ({now}) for a 16-minute series"
+                )
+                ray.get(
+                    owner.insert_events.remote(
+                        events_table(steady_series_with_a_spike(tenant, base))
+                    )
+                )
+                ray.get(owner.advance_rollups.remote(base + 16 * MINUTE_MS))
+                store, client = AlertStore(stack.postgres.dsn()), httpx.Client(timeout=5)
+                try:
+                    engine = _engine(stack, receivers, store, client, first_cursor=base - 1)
+                    for _ in range(20):
+                        if not engine.step().more:
+                            break
+                finally:
+                    store.close()
+                    client.close()
+            finally:
+                ray.shutdown()
+
+        incidents = api.get("/incidents").json()
+        assert len(incidents["incidents"]) == 1, incidents
+        [incident] = incidents["incidents"]
+        assert incident["state"] == "resolved"
+        assert incident["rule_id"] == "orders-spike"
+        ids = {incident["id"]}
+        pd = _mine(receivers.received.get("/pd", []), tenant, ids)
+        assert [p["event_action"] for p in pd] == ["trigger", "resolve"]
+        assert {p["dedup_key"] for p in pd} == ids
+        assert {p["routing_key"] for p in pd} == {ROUTING_KEY}
+        assert pd[0]["payload"]["custom_details"]["tenant"] == tenant
+        slack = _mine(receivers.received.get("/slack", []), tenant, ids)
+        assert [m["text"].split(":")[0] for m in slack] == ["Firing", "Resolved"]
+        assert api.delete("/rules/orders-spike").status_code in (200, 204)
