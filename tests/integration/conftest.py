@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +21,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import end_offsets
+from adapters.sources import SourceCatalog
 from cluster import local_secrets
 from cluster.processes import port_open
 from cluster.settings import Settings, load_settings
@@ -138,18 +139,22 @@ def deployed_paused(
             call(resume)
 
 
-def api_key(settings: Settings, tenant: str, label: str = "integration tests") -> str:
-    """A new API key of ``tenant`` (the tenant is created when missing)."""
-    from adapters.sources import SourceCatalog
+def catalog_call(settings: Settings, work: Callable[[SourceCatalog], Awaitable[T]]) -> T:
+    """Run ``work`` on a source catalog of the stack's PostgreSQL (sources, keys)."""
 
-    async def make() -> str:
+    async def go() -> T:
         catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
         try:
-            return await catalog.create_key(tenant, label)
+            return await work(catalog)
         finally:
             await catalog.close()
 
-    return asyncio.run(make())
+    return asyncio.run(go())
+
+
+def api_key(settings: Settings, tenant: str, label: str = "integration tests") -> str:
+    """A new API key of ``tenant`` (the tenant is created when missing)."""
+    return catalog_call(settings, lambda c: c.create_key(tenant, label))
 
 
 def pg(settings: Settings, sql: str, *args: Any) -> Any:

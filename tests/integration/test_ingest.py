@@ -10,7 +10,6 @@ Serve app.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
@@ -28,13 +27,20 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from adapters.kafka import end_offsets
-from adapters.sources import Source, SourceCatalog
+from adapters.sources import Source
 from cluster.settings import Settings
 from core import avro, signatures
 from core.exceptions import ConfigurationError
 from serve_apps.edge import EdgeConfig, IngestEdge
 from serve_apps.ingest_routes import add_routes
-from tests.integration.conftest import eventually, pg, rayline, read_from, read_matching
+from tests.integration.conftest import (
+    catalog_call,
+    eventually,
+    pg,
+    rayline,
+    read_from,
+    read_matching,
+)
 
 NOW = time.time()
 
@@ -66,26 +72,15 @@ def client(services: Settings) -> Iterator[TestClient]:
     yield from _client(_config(services))
 
 
-def _catalog_call(settings: Settings, work: Any) -> Any:
-    async def go() -> Any:
-        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
-        try:
-            return await work(catalog)
-        finally:
-            await catalog.close()
-
-    return asyncio.run(go())
-
-
 def _key(settings: Settings, tenant: str) -> dict[str, str]:
-    key = _catalog_call(settings, lambda c: c.create_key(tenant, "test"))
+    key = catalog_call(settings, lambda c: c.create_key(tenant, "test"))
     return {"authorization": f"Bearer {key}"}
 
 
 def _source(settings: Settings, **fields: Any) -> Source:
     name = f"src-{uuid.uuid4().hex[:10]}"
     source = Source(name=name, **fields)
-    _catalog_call(settings, lambda c: c.add_source(source))
+    catalog_call(settings, lambda c: c.add_source(source))
     return source
 
 
@@ -261,8 +256,8 @@ def test_requests_without_a_valid_key_are_refused_whole(
 
 
 def test_a_revoked_key_is_403(client: TestClient, services: Settings, tenant: str) -> None:
-    key = _catalog_call(services, lambda c: c.create_key(tenant, "soon revoked"))
-    _catalog_call(services, lambda c: c.revoke_key(key))
+    key = catalog_call(services, lambda c: c.create_key(tenant, "soon revoked"))
+    catalog_call(services, lambda c: c.revoke_key(key))
     answer = client.post(
         "/v1/events", json=[_event(tenant, 1)], headers={"authorization": f"Bearer {key}"}
     )
@@ -464,7 +459,7 @@ def test_a_rotated_secret_keeps_the_old_one_working_for_the_grace_period(
         mapping=GITHUB_MAPPING,
     )
     new = signatures.new_secret("github")
-    _catalog_call(services, lambda c: c.rotate_secret(source.name, new, 3600))
+    catalog_call(services, lambda c: c.rotate_secret(source.name, new, 3600))
     time.sleep(5.5)  # the edge caches sources for 5 s
     url = f"/v1/sources/{source.name}/webhook"
     for number, secret in enumerate((old, new)):

@@ -14,7 +14,6 @@ in the raw-event table the workers write), so nothing valid was lost on the way.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -32,9 +31,9 @@ from hypothesis import strategies as st
 
 from actors.mqtt_bridge import BRIDGE_NAME
 from adapters.kafka import end_offsets
-from adapters.sources import Source, SourceCatalog
+from adapters.sources import Source
 from cluster.settings import Settings
-from tests.integration.conftest import api_key, eventually, read_from
+from tests.integration.conftest import api_key, catalog_call, eventually, read_from
 from tests.integration.test_mqtt import add_device, publish
 
 FUZZ = settings(
@@ -198,15 +197,7 @@ def webhook_source(stack: Settings) -> str:
     name = f"hook-{uuid.uuid4().hex[:8]}"
     mapping = {"event_id": "$.id", "type": "$.type", "ts": "$.created", "value": "$.amount"}
     source = Source(name=name, kind="webhook", tenant=TENANT, mapping=mapping)
-
-    async def add() -> None:
-        catalog = SourceCatalog(stack.postgres.dsn(), max_size=1)
-        try:
-            await catalog.add_source(source)
-        finally:
-            await catalog.close()
-
-    asyncio.run(add())
+    catalog_call(stack, lambda c: c.add_source(source))
     return name
 
 

@@ -14,8 +14,8 @@ and is removed at the end.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import functools
 import json
 import string
 import time
@@ -40,7 +40,7 @@ from cluster.settings import Settings
 from core.avro import subject_for
 from core.avro_compat import LEVELS
 from serve_apps.registry import MEDIA_TYPE
-from tests.integration.conftest import api_key, eventually, pg
+from tests.integration.conftest import api_key, catalog_call, eventually, pg
 
 CHALLENGE = 'Basic realm="rayline-registry"'
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -69,21 +69,10 @@ class Party:
         return {"authorization": f"Basic {token}"}
 
 
-def _catalog(settings: Settings, work: Any) -> Any:
-    async def go() -> Any:
-        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
-        try:
-            return await work(catalog)
-        finally:
-            await catalog.close()
-
-    return asyncio.run(go())
-
-
 def _party(settings: Settings) -> Party:
     tenant = f"t-{uuid.uuid4().hex[:12]}"
     source = Source(name=f"src-{uuid.uuid4().hex[:10]}", kind="api", tenant=tenant)
-    _catalog(settings, lambda c: c.add_source(source))
+    catalog_call(settings, lambda c: c.add_source(source))
     return Party(tenant, api_key(settings, tenant, "registry attacks"), source.name)
 
 
@@ -138,8 +127,8 @@ def cleanup(stack: Settings, alice: Party, bob: Party) -> Iterator[None]:
     for prefix in (f"{alice.source}.", f"{bob.source}.", FUZZ_PREFIX):
         pg(stack, "DELETE FROM subject_versions WHERE starts_with(subject, $1)", prefix)
         pg(stack, "DELETE FROM subject_config WHERE starts_with(subject, $1)", prefix)
-    for party in (alice, bob):
-        _catalog(stack, lambda c, name=party.source: c.remove_source(name))
+    for name in (alice.source, bob.source):
+        catalog_call(stack, functools.partial(SourceCatalog.remove_source, name=name))
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +241,7 @@ def test_bad_credentials_are_refused(
 
 def test_a_revoked_key_is_refused(stack: Settings, registry: httpx.Client, alice: Party) -> None:
     key = api_key(stack, alice.tenant, "revoked at once")
-    assert _catalog(stack, lambda c: c.revoke_key(key))
+    assert catalog_call(stack, lambda c: c.revoke_key(key))
     answer = registry.get("/subjects", headers={"authorization": f"Bearer {key}"})
     _refused(answer, 403, 40301, "revoked")
 

@@ -10,7 +10,6 @@ Neither may turn one delivery into several counted events.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Any
@@ -19,10 +18,10 @@ import httpx
 import orjson
 import pytest
 
-from adapters.sources import Source, SourceCatalog
+from adapters.sources import Source
 from cluster.settings import Settings
 from core import signatures
-from tests.integration.conftest import raw_offsets, read_matching
+from tests.integration.conftest import catalog_call, raw_offsets, read_matching
 
 # The README's example mapping: the event id is derived from the signed body.
 GITHUB_MAPPING = {"event_id": "sha256:$", "type": "header:x-github-event", "ts": "now"}
@@ -45,15 +44,7 @@ def add_source(settings: Settings, tenant: str, scheme: str, mapping: dict[str, 
         secrets=(signatures.new_secret(scheme),),
         mapping=mapping,
     )
-
-    async def add() -> None:
-        catalog = SourceCatalog(settings.postgres.dsn(), max_size=1)
-        try:
-            await catalog.add_source(source)
-        finally:
-            await catalog.close()
-
-    asyncio.run(add())
+    catalog_call(settings, lambda c: c.add_source(source))
     return source
 
 
