@@ -170,6 +170,11 @@ class MqttBridge:
         # Connection errors, appended on paho's thread and counted by the bridge loop.
         self._errors: list[str] = []
 
+    def note_restart(self, error: BaseException) -> None:
+        """Count a restart of :meth:`run` after ``error`` (shown in the status)."""
+        self._state["restarts"] += 1
+        self._state["last_error"] = f"restarted after: {error!r:.500}"
+
     def status(self) -> dict[str, Any]:
         return dict(self._state)
 
@@ -357,8 +362,7 @@ class MqttBridgeActor:
                 self._bridge.run(self._stop)
             except Exception as exc:
                 log.exception("MQTT bridge failed; starting it again in 5 s")
-                self._bridge._state["restarts"] += 1
-                self._bridge._state["last_error"] = f"restarted after: {exc!r:.500}"
+                self._bridge.note_restart(exc)
                 self._stop.wait(5.0)
 
     def status(self) -> dict[str, Any]:

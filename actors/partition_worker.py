@@ -436,16 +436,7 @@ class PartitionWorker:
             _BatchFailed: the fold raised something other than a store being down; the
                 states are then unusable, and the loop starts over from the snapshot.
         """
-        folded: dict[int, list[RecordRef]] = {}
-        poisoned: dict[int, list[tuple[RecordRef, str]]] = {}
-        for p, refs in records.items():
-            folded[p] = []
-            for ref in refs:
-                reason = self._poison.reason(p, ref.offset)
-                if reason is None:
-                    folded[p].append(ref)
-                else:
-                    poisoned.setdefault(p, []).append((ref, reason))
+        folded, poisoned = self._poison.split(records) if self._poison.found else (records, {})
         try:
             outcomes, counted = process_batch(self._states, folded, self._runtime)
         except StoreUnavailable:

@@ -11,6 +11,15 @@ processed. After each batch that goes through, the size doubles back to the defa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+
+class _Positioned(Protocol):
+    @property
+    def offset(self) -> int: ...
+
+
+R = TypeVar("R", bound=_Positioned)
 
 MAX_POISON_KEPT = 10_000
 """Poison records remembered (they are committed past, so a few suffice)."""
@@ -53,6 +62,23 @@ class PoisonHunt:
             return
         if self.limit is not None:
             self.limit = None if self.limit * 2 >= default else self.limit * 2
+
+    def split(
+        self, records: dict[int, list[R]]
+    ) -> tuple[dict[int, list[R]], dict[int, list[tuple[R, str]]]]:
+        """Per partition, the records to fold and the known poison ones with their reason
+        (each record has an ``offset``)."""
+        folded: dict[int, list[R]] = {}
+        poisoned: dict[int, list[tuple[R, str]]] = {}
+        for partition, refs in records.items():
+            folded[partition] = []
+            for ref in refs:
+                reason = self.reason(partition, ref.offset)
+                if reason is None:
+                    folded[partition].append(ref)
+                else:
+                    poisoned.setdefault(partition, []).append((ref, reason))
+        return folded, poisoned
 
     def reason(self, partition: int, offset: int) -> str | None:
         """Why the record is poison, or None when it is not known to be."""

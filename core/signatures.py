@@ -21,9 +21,9 @@ GitHub signs neither ``x-github-delivery`` nor a time, so a GitHub replay can on
 recognised by its body (an identical body within the receiver's replay window counts
 once, GitHub's own redeliveries included). Stripe's header is read as Stripe's
 libraries read it: the delivery passes when ANY ``v1`` entry matches (entries that are
-not 64 hex digits are skipped, as other schemes' entries are).
- A source holds its current secret and, during a
-rotation, the previous one: a signature made with any of them passes.
+not 64 hex digits are skipped, as other schemes' entries are). A source holds its
+current secret and, during a rotation, the previous one: a signature made with any of
+them passes.
 
 Secrets. ``github`` and ``stripe`` use the secret's UTF-8 bytes as the HMAC key (Stripe's
 ``whsec_...`` secrets included: Stripe signs with the whole string). ``standard`` secrets

@@ -43,6 +43,8 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 from sqlglot.tokens import TokenType
 
+from core.exceptions import InvalidInputError
+
 TENANT_TABLES = (
     "events",
     "windows_1m",
@@ -109,7 +111,7 @@ _CALLED = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*\(")
 _SHOWN = ", ".join(TENANT_TABLES)
 
 
-class SqlRefused(ValueError):
+class SqlRefused(InvalidInputError):
     """The statement is not one the endpoint runs; the message says what and why."""
 
 

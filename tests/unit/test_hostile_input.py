@@ -9,6 +9,7 @@ that can never be processed becomes one dead letter, and the rest go on.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -277,3 +278,15 @@ def test_a_query_time_parameter_out_of_range_is_a_field_error(text: str) -> None
     errors: list[FieldError] = []
     assert time_param({"from": text}, "from", 7, errors) == 7
     assert [e.field for e in errors] == ["from"]
+
+
+def test_split_sets_known_poison_records_apart_with_their_reason() -> None:
+    @dataclass(frozen=True)
+    class Ref:
+        offset: int
+
+    hunt = PoisonHunt()
+    hunt.failed([(1, 5)], ValueError("bad"))
+    folded, poisoned = hunt.split({0: [Ref(5)], 1: [Ref(4), Ref(5), Ref(6)]})
+    assert folded == {0: [Ref(5)], 1: [Ref(4), Ref(6)]}  # the partition is part of the key
+    assert poisoned == {1: [(Ref(5), "the record cannot be processed: ValueError: bad")]}
