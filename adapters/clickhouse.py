@@ -34,17 +34,17 @@ from clickhouse_connect.driver.exceptions import ClickHouseError
 from adapters.exceptions import QueryLimitExceeded, QueryRejected, StoreUnavailable
 from adapters.rollups import Rollups
 from core.partition_state import WindowResult
-from core.sealed import DISTINCT, QUANTILES
+from core.sketch_states import STATE_COLUMNS
 
 
 def _aggregate_table(name: str, partition: str) -> str:
-    """DDL of a window aggregate table: mergeable states, one row per bucket and group.
+    """DDL of a window aggregate table as first created (migrations 7 to 9).
 
-    ``events``, sums and extremes are simple aggregates; distinct counts (``uniqCombined``) and
-    quantiles (t-digest) are ``-State`` columns, so buckets, groups and rollups merge
-    without losing accuracy. ``dims`` follows from ``group_key`` (it is the same pairs
-    as a map), hence allowed outside the sorting key. The deduplication window lets a
-    chunk inserted again with the same token be dropped (see ``adapters.rollups``).
+    ``events``, sums and extremes are simple aggregates; the sketch columns were
+    ClickHouse's own ``uniqCombined``/t-digest states until migration 12 replaced them
+    with :func:`_sketch_columns`. ``dims`` follows from ``group_key`` (it is the same
+    pairs as a map), hence allowed outside the sorting key. The deduplication window
+    lets a chunk inserted again with the same token be dropped (see ``adapters.rollups``).
     """
     return f"""
         CREATE TABLE IF NOT EXISTS {{db}}.{name}
@@ -58,8 +58,8 @@ def _aggregate_table(name: str, partition: str) -> str:
             value_sum SimpleAggregateFunction(sum, Float64),
             value_min SimpleAggregateFunction(min, Float64),
             value_max SimpleAggregateFunction(max, Float64),
-            distinct_state AggregateFunction({DISTINCT.sql()}, String),
-            quantiles_state AggregateFunction({QUANTILES.sql()}, Float64)
+            distinct_state AggregateFunction(uniqCombined(14), String),
+            quantiles_state AggregateFunction(quantilesTDigest(0.5, 0.9, 0.99), Float64)
         )
         ENGINE = AggregatingMergeTree
         PARTITION BY {partition}
@@ -67,6 +67,23 @@ def _aggregate_table(name: str, partition: str) -> str:
         SETTINGS non_replicated_deduplication_window = 10000,
             allow_dimensions_outside_sorting_key = 1
         """
+
+
+def _sketch_columns(name: str) -> str:
+    """Migration to Rayline's own sketches as map states (``core.sketch_states``).
+
+    The old states cannot be converted (they hold no registers or buckets of our
+    sketches), so existing rows keep their counts, sums and extremes and get empty
+    sketches; ``rayline rollups rebuild`` computes them again from the raw events that
+    are still kept (see docs/storage.md).
+    """
+    adds = ", ".join(
+        f"ADD COLUMN IF NOT EXISTS {column} {kind}" for column, kind in STATE_COLUMNS.items()
+    )
+    return (
+        f"ALTER TABLE {{db}}.{name} DROP COLUMN IF EXISTS distinct_state, "
+        f"DROP COLUMN IF EXISTS quantiles_state, {adds}"
+    )
 
 
 _MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -199,6 +216,10 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         SETTINGS non_replicated_deduplication_window = 10000
         """,
     ),
+    # One sketch family everywhere: the workers' HyperLogLog and DDSketch as map states.
+    (12, _sketch_columns("windows_1m")),
+    (13, _sketch_columns("rollup_1h")),
+    (14, _sketch_columns("rollup_1d")),
 )
 
 

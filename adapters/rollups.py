@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.query_plan import utc_datetime
-from core.sealed import DISTINCT, QUANTILE_NAMES, QUANTILES, SealedWindow
+from core.sealed import QUANTILE_NAMES, SealedWindow
+from core.sketch_states import (
+    MERGE_SQL,
+    STATE_COLUMNS,
+    distinct_value,
+    estimate_sql,
+    quantile_value,
+    raw_state_sql,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +61,14 @@ def dims_sql(payload: str = "payload") -> str:
     )
 
 
-# Per target table: its source, bucket expression, and the state columns it writes.
+# Per target table: its source, bucket expression, and the state columns it writes. The
+# sketch columns hold the workers' own HyperLogLog and DDSketch (core.sketch_states).
+_RAW_SKETCHES = ", ".join(f"{sql} AS {column}" for column, sql in raw_state_sql().items())
+_MERGED_SKETCHES = ", ".join(MERGE_SQL[column] for column in STATE_COLUMNS)
 _FROM_RAW = f"""
     SELECT tenant, type, toStartOfMinute(ts) AS bucket, {group_key_sql()} AS gk,
         any({dims_sql()}) AS dm, count() AS events, sum(value) AS value_sum,
-        min(value) AS value_min, max(value) AS value_max,
-        {DISTINCT.sql("State")}(entity) AS distinct_state,
-        {QUANTILES.sql("State")}(value) AS quantiles_state
+        min(value) AS value_min, max(value) AS value_max, {_RAW_SKETCHES}
     FROM {{db}}.events FINAL
     WHERE ts >= {{start:DateTime64(3)}} AND ts < {{end:DateTime64(3)}}
     GROUP BY tenant, type, bucket, gk
@@ -70,9 +79,7 @@ _FROM_RAW = f"""
 def _from_aggregate(source: str, bucket: str) -> str:
     return f"""
     SELECT tenant, type, {bucket}(window_start) AS bucket, group_key AS gk, any(dims) AS dm,
-        sum(events), sum(value_sum), min(value_min), max(value_max),
-        {DISTINCT.sql("MergeState")}(distinct_state),
-        {QUANTILES.sql("MergeState")}(quantiles_state)
+        sum(events), sum(value_sum), min(value_min), max(value_max), {_MERGED_SKETCHES}
     FROM {{db}}.{source}
     WHERE window_start >= {{start:DateTime64(3)}} AND window_start < {{end:DateTime64(3)}}
     GROUP BY tenant, type, bucket, gk
@@ -94,8 +101,9 @@ _QUALITY = """
 
 _COLUMNS = (
     "tenant, type, window_start, group_key, dims, events, value_sum, value_min, value_max, "
-    "distinct_state, quantiles_state"
+    + ", ".join(STATE_COLUMNS)
 )
+_ESTIMATES = estimate_sql()
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +265,8 @@ class Rollups:
         rows = self._query(
             "SELECT tenant, type, toUnixTimestamp(window_start) * 1000 AS start, group_key, "
             "any(dims), sum(events), sum(value_sum), min(value_min), max(value_max), "
-            f"{DISTINCT.sql('Merge')}(distinct_state), "
-            f"{QUANTILES.sql('Merge')}(quantiles_state) "
+            f"{_ESTIMATES['distinct']}, "
+            f"[{', '.join(_ESTIMATES[name] for name in QUANTILE_NAMES)}] "
             f"FROM {self._db}.windows_1m "
             "WHERE window_start > {after:DateTime64(3)} "
             "GROUP BY tenant, type, window_start, group_key "
@@ -270,6 +278,7 @@ class Rollups:
 
 def _sealed(row: Sequence[Any]) -> SealedWindow:
     tenant, type_, start, group_key, dims, count, total, low, high, distinct, levels = row
+    values = [quantile_value(level) for level in levels]
     return SealedWindow(
         tenant=str(tenant),
         type=str(type_),
@@ -279,7 +288,11 @@ def _sealed(row: Sequence[Any]) -> SealedWindow:
         sum=float(total),
         min=float(low),
         max=float(high),
-        distinct=float(distinct),
-        quantiles=dict(zip(QUANTILE_NAMES, map(float, levels), strict=True)),
+        distinct=distinct_value(float(distinct)),
+        quantiles=(
+            None
+            if None in values
+            else dict(zip(QUANTILE_NAMES, (float(v) for v in values if v is not None), strict=True))
+        ),
         dims=tuple((str(k), str(v)) for k, v in dict(dims).items()),
     )

@@ -8,7 +8,9 @@ where each table is sealed (see ``adapters.rollups``):
 * raw ``events`` for the tail that is not sealed yet (folded into the same states).
 
 Every part yields the same mergeable columns, so the outer query merges them like one
-table: counts and sums add up, distinct counts and quantiles merge their states. The
+table: counts and sums add up, distinct counts and quantiles merge their sketches (the
+workers' HyperLogLog registers and DDSketch buckets as maps; the raw part computes them
+in SQL by the same steps, see ``core.sketch_states``). The
 answer thus covers the whole range, up to the newest event stored, at any resolution.
 
 The SQL text depends only on the shape of a request (resolution, metric, how many
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.query_plan import DAY, HOUR, MINUTE, RAW, SeriesRequest, utc_datetime
-from core.sealed import DISTINCT, QUANTILE_NAMES, QUANTILES
+from core.sealed import QUANTILE_NAMES
+from core.sketch_states import DISTINCT_COLUMNS, QUANTILE_COLUMNS, estimate_sql, raw_state_sql
 
 _BUCKET_FN = {MINUTE: "toStartOfMinute", HOUR: "toStartOfHour", DAY: "toStartOfDay"}
 _TABLE = {MINUTE: "windows_1m", HOUR: "rollup_1h", DAY: "rollup_1d"}
@@ -32,8 +35,7 @@ _RAW_STATE = {
     "value_sum": "sum(value)",
     "value_min": "min(value)",
     "value_max": "max(value)",
-    "distinct_state": f"{DISTINCT.sql('State')}(entity)",
-    "quantiles_state": f"{QUANTILES.sql('State')}(value)",
+    **raw_state_sql(),
 }
 # The columns each metric merges: a part reads (or, from raw events, computes) only these,
 # so a count never touches the distinct and quantile states.
@@ -43,19 +45,20 @@ _NEEDS = {
     "min": ("value_min",),
     "max": ("value_max",),
     "avg": ("value_sum", "events"),
-    "distinct": ("distinct_state",),
-    **dict.fromkeys(QUANTILE_NAMES, ("quantiles_state",)),
+    "distinct": DISTINCT_COLUMNS,
+    **dict.fromkeys(QUANTILE_NAMES, QUANTILE_COLUMNS),
 }
-_QUANTILES = f"{QUANTILES.sql('Merge')}(quantiles_state)"
 METRIC_SQL: Mapping[str, str] = {
     "count": "sum(events)",
     "sum": "sum(value_sum)",
     "min": "min(value_min)",
     "max": "max(value_max)",
     "avg": "sum(value_sum) / nullIf(sum(events), 0)",
-    "distinct": f"{DISTINCT.sql('Merge')}(distinct_state)",
-    **{name: f"{_QUANTILES}[{i + 1}]" for i, name in enumerate(QUANTILE_NAMES)},
+    **estimate_sql(),
 }
+"""Each metric over merged rows. ``distinct`` and the quantiles are the workers' own
+sketches' estimates (``core.sketch_states``): a quantile comes back as its bucket, which
+orders as the values do; ``core.sketch_states.answer_value`` makes the number."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,10 @@
 A minute is *sealed* once every partition's watermark has passed its end plus the
 allowed lateness: no event can still count in it, so its aggregates in ClickHouse
 (``windows_1m``, merged across all partitions) are final. Alerting evaluates rules on
-sealed windows, and the query API's aggregated resolutions read sealed buckets.
+sealed windows, and the query API's aggregated resolutions read sealed buckets. Their
+distinct counts and quantiles come from the workers' own sketches (HyperLogLog and
+DDSketch, see ``core.sketch_states``), so they equal what ``/latest`` shows for the
+minute once it closed.
 
 It satisfies :class:`core.alert_rules.WindowLike`.
 """
@@ -12,31 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 MINUTE_MS = 60_000
 QUANTILE_NAMES = ("p50", "p90", "p99")
 QUANTILE_LEVELS = (0.5, 0.9, 0.99)
-
-
-class StateFunction(NamedTuple):
-    """A ClickHouse aggregate function whose states the aggregate tables keep."""
-
-    name: str
-    params: str
-
-    def sql(self, combinator: str = "") -> str:
-        """``name<combinator>(params)``: ``DISTINCT.sql("State")`` is
-        ``uniqCombinedState(14)``; without a combinator, the type's function."""
-        return f"{self.name}{combinator}({self.params})"
-
-
-DISTINCT = StateFunction("uniqCombined", "14")
-"""Distinct counts of ``entity``: exact for small sets, then HLL (about 0.5% error) in at
-most ~12 KB, so days of minutes merge fast. (``uniq`` keeps up to 256 KB per state, and
-merging a day's states of one busy group cost 100 ms.)"""
-QUANTILES = StateFunction("quantilesTDigest", ", ".join(str(q) for q in QUANTILE_LEVELS))
-"""p50, p90 and p99 of ``value`` as t-digests."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +37,7 @@ class SealedWindow:
     min: float
     max: float
     distinct: float | None
+    """Distinct entities, rounded as every endpoint answers it (``sketch_states``)."""
     quantiles: Mapping[str, float] | None
     dims: tuple[tuple[str, str], ...] = field(default=())
     window: str = "1m"

@@ -43,7 +43,7 @@ import itertools
 import math
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -228,6 +228,19 @@ class HyperLogLog:
         sketch._p = p
         sketch._registers = registers
         return sketch
+
+    @classmethod
+    def from_registers(cls, p: int, registers: npt.ArrayLike) -> HyperLogLog:
+        """A sketch with these ``2**p`` registers (copied), e.g. a stored map state's.
+
+        Raises:
+            ValueError: If the registers are not ``2**p`` ranks in range.
+        """
+        _check_precision(p)
+        values = np.array(registers, dtype=np.uint8)
+        if values.shape != (1 << p,) or (values.size and int(values.max()) > 65 - p):
+            raise ValueError(f"expected {1 << p} registers of at most {65 - p}")
+        return cls._from_registers(p, values)
 
     @property
     def p(self) -> int:
@@ -420,7 +433,7 @@ def _tau(x: float) -> float:
         x = math.sqrt(x)
         previous = z
         y *= 0.5
-        z -= (1.0 - x) ** 2 * y
+        z -= (1.0 - x) * (1.0 - x) * y  # a product, as core.sketch_states' SQL has it
         if z == previous:
             return z / 3.0
 
@@ -538,6 +551,39 @@ class DDSketch:
         """The number of buckets in use, both signs together."""
         return len(self._pos.keys) + len(self._neg.keys)
 
+    def buckets(self) -> tuple[int, list[tuple[int, int]], list[tuple[int, int]]]:
+        """The zero count and the (key, count) buckets of each sign, ascending keys."""
+        return (
+            self._zero,
+            list(zip(self._pos.keys.tolist(), self._pos.counts.tolist(), strict=True)),
+            list(zip(self._neg.keys.tolist(), self._neg.counts.tolist(), strict=True)),
+        )
+
+    @classmethod
+    def from_buckets(
+        cls,
+        zero: int,
+        positive: Mapping[int, int],
+        negative: Mapping[int, int],
+        alpha: float = DEFAULT_ALPHA,
+        max_buckets: int = DEFAULT_MAX_BUCKETS,
+    ) -> DDSketch:
+        """A sketch of these bucket counts (key to count per sign), collapsed as merge does.
+
+        Raises:
+            ValueError: If a count is negative.
+        """
+        sketch = cls(alpha, max_buckets)
+        stores = []
+        for buckets in (positive, negative):
+            keys = np.array(sorted(k for k, c in buckets.items() if c), dtype=np.int64)
+            counts = np.array([buckets[int(k)] for k in keys], dtype=np.int64)
+            if np.any(counts < 0) or zero < 0:
+                raise ValueError("DDSketch bucket counts must not be negative")
+            stores.append(_Store(keys, counts).collapsed(max_buckets))
+        sketch._zero, (sketch._pos, sketch._neg) = int(zero), stores
+        return sketch
+
     def add_values(self, values: npt.ArrayLike) -> None:
         """Adds an array of finite numbers, in place.
 
@@ -560,7 +606,8 @@ class DDSketch:
     def _keys(self, magnitude: npt.NDArray[np.float64]) -> I64Array:
         return np.ceil(np.log(magnitude) / self._ln_gamma).astype(np.int64)
 
-    def _value(self, key: int) -> float:
+    def bucket_value(self, key: int) -> float:
+        """The value a bucket answers with, ``2 gamma**key / (gamma + 1)`` (finite)."""
         log_value = key * self._ln_gamma + math.log(2.0 / (1.0 + math.exp(self._ln_gamma)))
         # Clamping keeps the answer between the true value and the bucket's, so in bound.
         if log_value >= math.log(sys.float_info.max):
@@ -598,11 +645,11 @@ class DDSketch:
         n_neg = self._neg.total
         if rank < n_neg:
             # Negatives in ascending order are their magnitudes' keys descending.
-            return -self._value(self._neg.key_at(n_neg - 1 - rank))
+            return -self.bucket_value(self._neg.key_at(n_neg - 1 - rank))
         rank -= n_neg
         if rank < self._zero:
             return 0.0
-        return self._value(self._pos.key_at(rank - self._zero))
+        return self.bucket_value(self._pos.key_at(rank - self._zero))
 
     def to_bytes(self) -> bytes:
         """A compact, versioned encoding: key deltas and counts in the fewest bytes."""

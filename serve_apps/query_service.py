@@ -33,6 +33,7 @@ from core.query_sql import (
     series_statement,
     summary_statement,
 )
+from core.sketch_states import answer_value
 from core.sql_guard import SqlRefused, check, guarded_settings
 from serve_apps.http import Answer
 
@@ -394,7 +395,8 @@ def _series_body(request: SeriesRequest, sealed: Sealed, rows: Rows) -> dict[str
     series: dict[tuple[str, ...], list[list[Any]]] = {}
     for row in rows[1]:
         group = tuple(str(v) for v in row[1 : 1 + len(names)])
-        series.setdefault(group, []).append([int(row[0]), _json_value(row[-1])])
+        value = answer_value(request.metric, row[-1])
+        series.setdefault(group, []).append([int(row[0]), _json_value(value)])
     return {
         "tenant": request.tenant,
         "type": request.type,
@@ -420,7 +422,7 @@ def _summary_body(request: SeriesRequest, rows: Rows) -> dict[str, Any]:
         groups.append(
             {
                 "group": {n: str(values[f"g{i}"]) for i, n in enumerate(names)},
-                **{m: _json_value(values[m]) for m in METRIC_SQL},
+                **{m: _json_value(answer_value(m, values[m])) for m in METRIC_SQL},
             }
         )
     return {

@@ -192,8 +192,7 @@ ORDINARY_SQL = [
     "AND ts >= fromUnixTimestamp64Milli(0) AND ts < now()",
     "SELECT type, count() FROM events GROUP BY type ORDER BY type",
     "SELECT toStartOfHour(ts) AS h, countIf(type = 'click') FROM events GROUP BY h LIMIT 3",
-    "SELECT tenant, sum(events), uniqCombinedMerge(14)(distinct_state), "
-    "quantilesTDigestMerge(0.5, 0.9, 0.99)(quantiles_state)[3] FROM rollup_1h GROUP BY tenant",
+    "SELECT tenant, sum(events), sum(value_dd_zero) FROM rollup_1h GROUP BY tenant",
     "SELECT length(range(toUInt64(10))) FROM events LIMIT 1",
     "SELECT sum(sleepEachRow(0)) FROM events",
     "WITH recent AS (SELECT * FROM events WHERE ts > now() - INTERVAL 30 DAY) "

@@ -4,6 +4,7 @@ retention is applied, and every query shape of the API reads by the primary key.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections import defaultdict
@@ -11,13 +12,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from adapters.clickhouse import ClickHouseStore, Retention
 from adapters.exceptions import StoreUnavailable
 from adapters.rollups import Rollups
-from core.query_plan import parse_series_request
+from core.query_plan import parse_series_request, utc_datetime
 from core.query_sql import Sealed, events_statement, series_statement, summary_statement
+from core.sketch_states import (
+    answer_value,
+    estimate_sql,
+    hll_state,
+    quantile_value,
+    raw_state_sql,
+)
+from core.sketches import DDSketch, HyperLogLog, hash64
 from tests.integration.query_data import MINUTE_MS, Event, events_table, make_events
 
 HOUR_MS, DAY_MS = 3_600_000, 86_400_000
@@ -75,25 +86,81 @@ def test_rollups_equal_an_offline_recomputation(store: ClickHouseStore) -> None:
     assert stored(store, "rollup_1d") == expected(events, DAY_MS, sealed["rollup_1d"])
 
 
-def test_distinct_counts_and_quantiles_merge_across_rollups(store: ClickHouseStore) -> None:
+def core_sketches(events: list[Event]) -> dict[str, Any]:
+    """Distinct entities and quantiles as the workers' own sketches give them."""
+    hll, dd = HyperLogLog(), DDSketch()
+    if events:
+        hll.add_hashes(hash64(pa.array([e.entity for e in events])))
+        dd.add_values(np.array([e.value for e in events]))
+    quantiles = {f"p{round(q * 100)}": dd.quantile(q) for q in (0.5, 0.9, 0.99)}
+    return {"distinct": round(hll.estimate()), **quantiles}
+
+
+def stored_sketches(store: ClickHouseStore, table: str, lo: int, hi: int) -> dict[str, Any]:
+    estimates = estimate_sql()
+    _c, rows = store.run_query(
+        f"SELECT {', '.join(estimates.values())} FROM {store._database}.{table} "
+        "WHERE tenant = 'a' AND type = 'click' AND window_start >= {lo:DateTime64(3)} "
+        "AND window_start < {hi:DateTime64(3)}",
+        {"lo": utc_datetime(lo), "hi": utc_datetime(hi)},
+    )
+    return {name: answer_value(name, v) for name, v in zip(estimates, rows[0], strict=True)}
+
+
+def test_every_level_holds_the_workers_sketches(store: ClickHouseStore) -> None:
     start = day_start(2)
-    events = make_events(["a"], start, minutes=120, per_minute=20)
+    events = make_events(["a"], start, minutes=120, per_minute=40)
     store.insert_events(events_table(events))
-    store.rollups([]).advance(start + 3 * HOUR_MS)
+    store.rollups(["region"]).advance(start + DAY_MS + 3 * HOUR_MS)
+    clicks = [e for e in events if e.tenant == "a" and e.type == "click"]
+    for table, lo, hi in [
+        ("windows_1m", start + 7 * MINUTE_MS, start + 8 * MINUTE_MS),
+        ("windows_1m", start, start + 2 * HOUR_MS),
+        ("rollup_1h", start + HOUR_MS, start + 2 * HOUR_MS),
+        ("rollup_1d", start, start + DAY_MS),
+    ]:
+        want = core_sketches([e for e in clicks if lo <= e.ts < hi])
+        assert stored_sketches(store, table, lo, hi) == want, table
+
+
+def test_sql_sketches_equal_core_sketches_bit_for_bit(store: ClickHouseStore) -> None:
+    """The SQL that folds raw events into states, and the estimates read from them,
+    are core.sketches' steps: same registers, buckets and estimates, many sizes."""
     db = store._database
-    _c, hourly = store.run_query(
-        f"SELECT uniqCombinedMerge(14)(distinct_state), quantilesTDigestMerge(0.5, 0.9, 0.99)"
-        f"(quantiles_state) FROM {db}.rollup_1h WHERE tenant = 'a' AND type = 'click'",
+    store.execute(f"CREATE TABLE {db}.probe (g UInt32, e String, v Float64) "
+                  "ENGINE = MergeTree ORDER BY g", {})  # fmt: skip
+    rng = random.Random(7)
+    sizes = [0, 1, 2, 17, 300, 2_000, 9_000, 60_000]
+    rows: dict[str, list[Any]] = {"g": [], "e": [], "v": []}
+    for g, n in enumerate(sizes):
+        for _ in range(n):
+            rows["g"].append(g)
+            rows["e"].append(f"user-{rng.randrange(10**12)}-é" if rng.random() < 0.9 else "")
+            rows["v"].append(rng.choice((0.0, 1e-12, -3.5, float("nan")))
+                             if rng.random() < 0.05
+                             else rng.lognormvariate(0, 4) * rng.choice((1, -1)))  # fmt: skip
+    store._client.insert_arrow(f"{db}.probe", pa.table(rows))
+    raw = raw_state_sql("e", "v")
+    merged = ", ".join(f"{sql} AS {column}" for column, sql in raw.items())
+    estimates = estimate_sql()
+    _c, found = store.run_query(
+        f"SELECT g, {', '.join(estimates.values())}, entity_hll FROM "
+        f"(SELECT g, {merged} FROM {db}.probe GROUP BY g) GROUP BY g, entity_hll ORDER BY g",
         {},
     )
-    _c, raw = store.run_query(
-        f"SELECT uniqExact(entity), quantilesExact(0.5, 0.9, 0.99)(value) FROM {db}.events "
-        "WHERE tenant = 'a' AND type = 'click'",
-        {},
-    )
-    assert hourly[0][0] == raw[0][0]  # 40 entities: uniq is exact at this size
-    for merged, exact in zip(hourly[0][1], raw[0][1], strict=True):
-        assert abs(merged - exact) <= 2.0  # t-digest over 2,400 values of 0..100
+    assert len(found) == len([n for n in sizes if n])
+    for row in found:
+        g = int(row[0])
+        entities = [e for gg, e in zip(rows["g"], rows["e"], strict=True) if gg == g and e]
+        values = [v for gg, v in zip(rows["g"], rows["v"], strict=True) if gg == g]
+        hll, dd = HyperLogLog(), DDSketch()
+        hll.add_hashes(hash64(pa.array(entities, pa.string())))
+        dd.add_values(np.array([v for v in values if v == v]))
+        assert {int(k): int(v) for k, v in row[-1].items()} == hll_state(hll), g
+        got = dict(zip(estimates, row[1:-1], strict=True))
+        assert float(got["distinct"]) == hll.estimate(), g
+        for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+            assert quantile_value(got[name]) == dd.quantile(q), (g, name)
 
 
 class CrashAfterInsert:

@@ -111,9 +111,9 @@ def test_raw_paging_continues_after_the_cursor() -> None:
 @pytest.mark.parametrize(
     ("metric", "absent"),
     [
-        ("count", ("distinct_state", "quantiles_state", "value_sum")),
-        ("p99", ("distinct_state", "value_min")),
-        ("distinct", ("quantiles_state", "value_sum")),
+        ("count", ("entity_hll", "value_dd_pos", "value_sum")),
+        ("p99", ("entity_hll", "value_min")),
+        ("distinct", ("value_dd_pos", "value_dd_neg", "value_sum")),
     ],
 )
 def test_a_series_reads_only_the_states_its_metric_merges(
