@@ -15,6 +15,12 @@ recorded chunk with the same bounds and token; ClickHouse drops a block it alrea
 
 Chunks end at hour boundaries (day boundaries for the daily table), so a catch-up over
 days of backlog proceeds in bounded statements.
+
+Distinct counts and quantiles are the workers' own HyperLogLog and DDSketch, kept as
+map states that ClickHouse merges (``core.sketch_states``): ``windows_1m`` folds raw
+events into them with core's hash and bucket steps in SQL, the hourly and daily tables
+merge them with ``maxMap``/``sumMap``, and :meth:`Rollups.sealed_windows` reads them with
+the same estimates as the query API.
 """
 
 from __future__ import annotations
