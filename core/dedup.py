@@ -1,9 +1,11 @@
 """Deduplication by event id within an event-time horizon, in bounded memory.
 
 Ids are kept as 64-bit hashes (``core.sketches.hash64`` of ``tenant␟source␟event_id``)
-in NumPy arrays, in buckets by event time: 8 bytes an id instead of a Python string
-and a dict entry (about 150 bytes), and a batch is checked with a few vectorised
-binary searches instead of one dict lookup per record. Two different ids share a
+in one sorted NumPy array, each tagged with its event-time bucket: 12 bytes an id
+instead of a Python string and a dict entry (about 150 bytes), and a batch is checked
+with one vectorised binary search instead of one dict lookup per record. Adding a
+batch's new ids is a merge into the sorted array (a copy of it: milliseconds for the
+two million ids a partition may hold). Two different ids share a
 hash with a chance of about n²/2⁶⁵ (n ids held): with the 2 million ids one
 partition may hold, about one in ten million runs drops one event as a false
 duplicate.
@@ -34,9 +36,7 @@ from core.sketches import hash64
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
-# A bucket's sorted chunks are merged into one when there are more than this many,
-# so that a lookup costs a few binary searches per bucket, not one per batch.
-MAX_CHUNKS = 4
+U32 = npt.NDArray[np.uint32]
 
 
 def id_hashes(tenant: pa.Array, source: pa.Array, event_id: pa.Array) -> U64:
@@ -63,9 +63,10 @@ class DedupFilter:
     bucket_ms: int = 10_000
     max_ids: int = 2_000_000
     stats: DedupStats = field(default_factory=DedupStats, init=False)
-    # bucket start -> sorted chunks of the hashes of the ids first seen in it
-    _buckets: dict[int, list[U64]] = field(default_factory=dict, init=False)
-    _count: int = field(default=0, init=False)
+    # every id held, sorted by hash, with the number (start // bucket_ms) of its bucket
+    _hashes: U64 = field(default_factory=lambda: np.empty(0, np.uint64), init=False)
+    _tags: U32 = field(default_factory=lambda: np.empty(0, np.uint32), init=False)
+    _buckets: dict[int, int] = field(default_factory=dict, init=False)  # start -> ids
     # bucket -> offset of the first record that added an id to it
     _first_offset: dict[int, int] = field(default_factory=dict, init=False)
 
@@ -74,11 +75,11 @@ class DedupFilter:
             raise ValueError("horizon_ms, bucket_ms and max_ids must be positive")
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._hashes)
 
     def nbytes(self) -> int:
-        """The bytes the held hashes take (the filter's memory, but for small overheads)."""
-        return sum(chunk.nbytes for chunks in self._buckets.values() for chunk in chunks)
+        """The bytes the held ids take (the filter's memory, but for small overheads)."""
+        return int(self._hashes.nbytes + self._tags.nbytes)
 
     def split(
         self, events: Sequence[Mapping[str, Any]], offsets: Sequence[int] | None = None
@@ -125,27 +126,27 @@ class DedupFilter:
         return fresh
 
     def _contains(self, hashes: U64) -> npt.NDArray[np.bool_]:
-        found = np.zeros(len(hashes), dtype=bool)
-        for chunks in self._buckets.values():
-            for chunk in chunks:
-                at = np.searchsorted(chunk, hashes)
-                found |= chunk[np.minimum(at, len(chunk) - 1)] == hashes
-        return found
+        held = self._hashes
+        if not len(held):
+            return np.zeros(len(hashes), dtype=bool)
+        at = np.minimum(np.searchsorted(held, hashes), len(held) - 1)
+        return held[at] == hashes
 
     def _remember(self, hashes: U64, ts: I64, offsets: I64 | None) -> None:
         if not len(hashes):
             return
-        buckets = ts - ts % self.bucket_ms
-        for bucket in np.unique(buckets).tolist():
-            mask = buckets == bucket
-            chunks = self._buckets.setdefault(bucket, [])
-            chunks.append(np.sort(hashes[mask]))
-            if len(chunks) > MAX_CHUNKS:
-                self._buckets[bucket] = [np.sort(np.concatenate(chunks))]
+        order = np.argsort(hashes, kind="stable")
+        hashes, numbers = hashes[order], (ts[order] // self.bucket_ms).astype(np.uint32)
+        at = np.searchsorted(self._hashes, hashes)
+        self._hashes = np.insert(self._hashes, at, hashes)
+        self._tags = np.insert(self._tags, at, numbers)
+        unique, counts = np.unique(numbers, return_counts=True)
+        for number, count in zip(unique.tolist(), counts.tolist(), strict=True):
+            bucket = number * self.bucket_ms
+            self._buckets[bucket] = self._buckets.get(bucket, 0) + count
             if offsets is not None:
-                first = int(offsets[mask].min())
+                first = int(offsets[order][numbers == number].min())
                 self._first_offset[bucket] = min(self._first_offset.get(bucket, first), first)
-        self._count += len(hashes)
 
     def rebuild_from(self) -> int | None:
         """The lowest offset whose id is still held: re-reading from there rebuilds
@@ -155,45 +156,53 @@ class DedupFilter:
     def advance(self, watermark_ms: int) -> int:
         """Forget buckets wholly older than ``watermark - horizon``; return ids dropped."""
         cutoff = watermark_ms - self.horizon_ms
-        dropped = 0
-        for start in [b for b in self._buckets if b + self.bucket_ms <= cutoff]:
-            dropped += self._drop(start)
+        return self._drop(*[b for b in self._buckets if b + self.bucket_ms <= cutoff])
+
+    def _drop(self, *buckets: int) -> int:
+        gone = [b for b in buckets if b in self._buckets]
+        if not gone:
+            return 0
+        for bucket in gone:
+            del self._buckets[bucket]
+            self._first_offset.pop(bucket, None)
+        numbers = np.array([b // self.bucket_ms for b in gone], np.uint32)
+        keep = ~np.isin(self._tags, numbers)
+        dropped = len(keep) - int(keep.sum())
+        self._hashes, self._tags = self._hashes[keep], self._tags[keep]
         return dropped
 
-    def _drop(self, bucket: int) -> int:
-        held = sum(len(chunk) for chunk in self._buckets.pop(bucket))
-        self._first_offset.pop(bucket, None)
-        self._count -= held
-        return held
-
     def _enforce_cap(self) -> None:
-        while self._count > self.max_ids and self._buckets:
-            self.stats.forced_evictions += self._drop(min(self._buckets))
+        if len(self._hashes) <= self.max_ids:
+            return
+        excess, oldest = len(self._hashes) - self.max_ids, []
+        for bucket in sorted(self._buckets):  # the oldest buckets go, whole
+            if excess <= 0:
+                break
+            oldest.append(bucket)
+            excess -= self._buckets[bucket]
+        self.stats.forced_evictions += self._drop(*oldest)
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data: each bucket's hashes as base64 of their little-endian bytes."""
-
-        def encoded(chunks: list[U64]) -> str:
-            merged = np.sort(np.concatenate(chunks)).astype("<u8")
-            return base64.b64encode(merged.tobytes()).decode()
-
         return {
             "horizon_ms": self.horizon_ms,
             "bucket_ms": self.bucket_ms,
-            "hashes": {str(k): encoded(v) for k, v in self._buckets.items()},
+            "hashes": {
+                str(bucket): base64.b64encode(
+                    self._hashes[self._tags == bucket // self.bucket_ms].astype("<u8").tobytes()
+                ).decode()
+                for bucket in self._buckets
+            },
         }
 
     @classmethod
     def restore(cls, data: Mapping[str, Any], max_ids: int = 2_000_000) -> DedupFilter:
         """From :meth:`snapshot`, or from the older form that held the keys as text."""
         restored = cls(data["horizon_ms"], data["bucket_ms"], max_ids)
-        held = data.get("hashes", {})
-        for bucket_text, text in held.items():
+        for bucket_text, text in data.get("hashes", {}).items():
             hashes = np.frombuffer(base64.b64decode(text), "<u8").astype(np.uint64)
-            restored._buckets[int(bucket_text)] = [hashes]
-            restored._count += len(hashes)
+            restored._remember(hashes, np.full(len(hashes), int(bucket_text), np.int64), None)
         for bucket_text, keys in data.get("buckets", {}).items():
-            hashes = np.sort(hash64(pa.array(list(keys), pa.string())))
-            restored._buckets[int(bucket_text)] = [hashes]
-            restored._count += len(hashes)
+            hashes = hash64(pa.array(list(keys), pa.string()))
+            restored._remember(hashes, np.full(len(hashes), int(bucket_text), np.int64), None)
         return restored
