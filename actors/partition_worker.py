@@ -406,6 +406,7 @@ class PartitionWorker:
         store = CheckpointStore(cfg.checkpoint_dsn)
         inputs = RuntimeInputs(cfg, MetadataStore(cfg.checkpoint_dsn))
         tiles = LiveTiles(cfg.redis_url, cfg.topic) if cfg.redis_url else None
+        probe: threading.Thread | None = None
         try:
             self._inputs = inputs
             self._held = HeldBatches()  # effects of a failed run's batches: replayed instead
@@ -419,7 +420,11 @@ class PartitionWorker:
             with self._lock:
                 if self._stats.consuming_since is None:
                     self._stats.consuming_since = self._clock()
-            next_lag_at = 0.0
+            probe_stop = threading.Event()
+            probe = threading.Thread(
+                target=self._probe_lag, args=(probe_stop,), name="lag-probe", daemon=True
+            )
+            probe.start()
             while not self._stopping.is_set() and self._states:
                 size = self._poison.batch_size(cfg.batch_max_records)
                 messages = consumer.consume(size, cfg.batch_max_ms / 1000)
@@ -432,12 +437,12 @@ class PartitionWorker:
                     self._flush(consumer, store, producer, tiles)
                 elif not self._held.batches:
                     self._note_sealed()
-                if time.monotonic() >= next_lag_at:
-                    self._refresh_lag(consumer)
-                    next_lag_at = time.monotonic() + 1.0
             if self._held.batches and self._states:  # stopped: the held batches count
                 self._flush(consumer, store, producer, tiles)
         finally:
+            if probe is not None:
+                probe_stop.set()
+                probe.join(5)
             producer.flush(10)
             consumer.close()
             store.close()
@@ -579,10 +584,11 @@ class PartitionWorker:
         whose decision is not durable must not happen.
         """
         snapshots = {}
-        for partition, box in outboxes.items():
-            state = self._states[partition]
-            blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
-            snapshots[partition] = (state.next_offset, blob)
+        with self._lock:  # the lag probe moves watermarks meanwhile
+            for partition, box in outboxes.items():
+                state = self._states[partition]
+                blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
+                snapshots[partition] = (state.next_offset, blob)
         epoch = self._assignment.epoch
         in_flight = partial(self._maybe_crash, "during_snapshot")
         saved = self._retry(
@@ -844,6 +850,22 @@ class PartitionWorker:
                 end = min(end, self._offsets(consumer, partition)[1])
         consumer.unassign()
         return records
+
+    def _probe_lag(self, stop: threading.Event) -> None:
+        """Refresh the lag every second until ``stop``, on this thread and a consumer of its
+        own: a broker round trip per partition (100 ms each on a busy broker) must not
+        stall the batches."""
+        consumer = make_consumer(self._config.bootstrap, self._config.group_id)
+        try:
+            while True:
+                try:
+                    self._refresh_lag(consumer)
+                except Exception:  # a report only; the next round tries again
+                    log.exception("worker %s: refreshing the lag failed", self._assignment.worker)
+                if stop.wait(1.0):
+                    return
+        finally:
+            consumer.close()
 
     def _refresh_lag(self, consumer: Any) -> None:
         """Ask the broker how far each partition goes: the lag, and whether the worker
