@@ -52,6 +52,40 @@ class PartitionWorkerActor:
         self._worker.stop()
 
 
+def start_worker_actors(
+    config: WorkerConfig,
+    assignments: list[Assignment],
+    namespace: str,
+    num_cpus: float,
+    name: str = "rayline-worker",
+) -> list[Any]:
+    """One PartitionWorker actor per assignment, named ``<name>-<epoch>-<worker>``.
+
+    The coordinator starts its workers here, and so does the deployed-pipeline
+    benchmark (on a topic of its own), so both run the very same actors.
+    """
+    actor_cls = ray.remote(PartitionWorkerActor)
+    return [
+        actor_cls.options(
+            name=f"{name}-{a.epoch}-{a.worker}",
+            namespace=namespace,
+            max_restarts=-1,
+            max_concurrency=4,
+            num_cpus=num_cpus,
+        ).remote(config, a, namespace)
+        for a in assignments
+    ]
+
+
+def stop_worker_actors(handles: list[Any]) -> None:
+    """Let each worker finish its batch and stop (15 s at most), then kill its actor."""
+    stops = [handle.stop.remote() for handle in handles]
+    for handle, ref in zip(handles, stops, strict=True):
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
+            ray.get(ref, timeout=15)
+        ray.kill(handle, no_restart=True)
+
+
 class Coordinator:
     """Actor body: starts workers for an epoch, rescales them, reports their progress."""
 
@@ -71,17 +105,9 @@ class Coordinator:
         self._epoch = self._store.next_epoch()
         partitions = partition_ids(self._config.bootstrap, self._config.topic)
         self._assignments = assign_partitions(partitions, workers, self._epoch)
-        actor_cls = ray.remote(PartitionWorkerActor)
-        self._workers = [
-            actor_cls.options(
-                name=f"rayline-worker-{self._epoch}-{a.worker}",
-                namespace=self._namespace,
-                max_restarts=-1,
-                max_concurrency=4,
-                num_cpus=self._worker_num_cpus,
-            ).remote(self._config, a, self._namespace)
-            for a in self._assignments
-        ]
+        self._workers = start_worker_actors(
+            self._config, self._assignments, self._namespace, self._worker_num_cpus
+        )
 
     def scale(self, workers: int) -> dict[str, Any]:
         """Move to ``workers`` workers under a new epoch; ingest goes on meanwhile.
@@ -140,11 +166,7 @@ class Coordinator:
         return min(marks) if marks else None
 
     def _stop_workers(self) -> None:
-        stops = [handle.stop.remote() for handle in self._workers]
-        for handle, ref in zip(self._workers, stops, strict=True):
-            with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
-                ray.get(ref, timeout=15)
-            ray.kill(handle, no_restart=True)
+        stop_worker_actors(self._workers)
         self._workers = []
 
     def stop(self) -> None:

@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Protocol
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -94,6 +95,8 @@ class WorkerConfig:
     batch_max_ms: int
     processing: ProcessingConfig
     checkpoint_dsn: str
+    checkpoint_interval_ms: int = 0
+    """Longest time batches are folded before their snapshot and effects (0: every batch)."""
     alerts_topic: str = "alerts"
     redis_url: str | None = None
     enrichment_ttl_ms: int = 30_000
@@ -120,6 +123,10 @@ class WorkerStats:
     # Checkpoints that did not fit the topic's offsets, and what was done (the latest
     # CHECKPOINT_REPORTS_KEPT; see core.checkpoint_policy).
     checkpoint_resets: list[dict[str, Any]] = field(default_factory=list)
+    # Wall-clock times (epoch s): when the loop first began to consume, and when its
+    # latest batch was done; a benchmark times a backlog between the two.
+    consuming_since: float | None = None
+    last_batch_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -131,6 +138,21 @@ class Outbox:
     alerts: list[dict[str, Any]] = field(default_factory=list)
     # The raw events of this batch: offsets [first, end) minus those that did not count.
     raw: tuple[int, int, list[int]] | None = None
+
+    def then(self, later: Outbox) -> Outbox:
+        """This outbox followed by the next batch's of the same partition: one outbox
+        whose raw range spans both (the partition's offsets run on from one to the next)."""
+        raw = self.raw
+        if raw is None or later.raw is None:
+            raw = raw or later.raw
+        else:
+            raw = (raw[0], later.raw[1], raw[2] + later.raw[2])
+        return Outbox(
+            self.closed + later.closed,
+            self.dead_letters + later.dead_letters,
+            self.alerts + later.alerts,
+            raw,
+        )
 
     @classmethod
     def of(cls, outcome: BatchOutcome, refs: Sequence[RecordRef], counted: set[int]) -> Outbox:
@@ -173,6 +195,58 @@ class Outbox:
         )
 
 
+@dataclass(slots=True)
+class HeldBatches:
+    """The batches folded since the last checkpoint, whose effects wait for it.
+
+    Snapshot before effect still holds: nothing here reaches a sink, Kafka or Redis
+    before the snapshot that covers it is saved. A crash loses them together with
+    the state they built, and the restored snapshot's offsets replay them.
+    """
+
+    boxes: dict[int, Outbox] = field(default_factory=dict)
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+    events: list[pa.Table] = field(default_factory=list)
+    consumed: set[int] = field(default_factory=set)  # partitions with records: to commit
+    batches: int = 0
+    since: float | None = None  # monotonic time of the first batch held
+
+    def add(
+        self,
+        boxes: dict[int, tuple[BatchOutcome, Outbox]],
+        consumed: set[int],
+        events: pa.Table | None,
+        now: float,
+    ) -> None:
+        """Hold one batch's per-partition outcomes and outboxes and its raw events."""
+        for partition, (outcome, box) in boxes.items():
+            held = self.boxes.get(partition)
+            self.boxes[partition] = box if held is None else held.then(box)
+            self.outcomes.append(outcome)
+        if events is not None and events.num_rows:
+            self.events.append(events)
+        self.consumed |= consumed
+        self.batches += 1
+        if self.since is None:
+            self.since = now
+
+    def due(self, now: float, interval_ms: int, caught_up: bool) -> bool:
+        """Whether to checkpoint now: the interval has passed, or the consumer is caught
+        up (holding back effects would only delay them)."""
+        if self.since is None:
+            return False
+        return caught_up or (now - self.since) * 1000 >= interval_ms
+
+    def events_of(self, partitions: set[int]) -> pa.Table | None:
+        """The held raw events of ``partitions`` (those whose snapshot was saved)."""
+        if not self.events:
+            return None
+        table = pa.concat_tables(self.events, promote_options="default")
+        if {int(p) for p in pc.unique(table["partition"]).to_pylist()} <= partitions:
+            return table
+        return table.filter(pc.is_in(table["partition"], pa.array(sorted(partitions), pa.uint16())))
+
+
 CRASH_POINTS = ("before_sink", "after_sink", "during_snapshot")
 CHECKPOINT_REPORTS_KEPT = 20
 
@@ -194,6 +268,7 @@ class PartitionWorker:
         self._stats = WorkerStats()
         self._states: dict[int, PartitionState] = {}
         self._pending: list[WindowResult] = []  # closed, not yet acknowledged by the sink
+        self._held = HeldBatches()
         self._sealed: dict[int, int] = {}  # partition -> watermark with all events below written
         self._runtime = Runtime()
         self._inputs: RuntimeInputs | None = None
@@ -240,6 +315,8 @@ class PartitionWorker:
                 "last_error": s.last_error,
                 "lag": dict(s.lag),
                 "checkpoint_resets": [dict(r) for r in s.checkpoint_resets],
+                "consuming_since": s.consuming_since,
+                "last_batch_at": s.last_batch_at,
                 "open_windows": sum(
                     len(op) for st in self._states.values() for op in st.operators.values()
                 ),
@@ -329,8 +406,10 @@ class PartitionWorker:
         store = CheckpointStore(cfg.checkpoint_dsn)
         inputs = RuntimeInputs(cfg, MetadataStore(cfg.checkpoint_dsn))
         tiles = LiveTiles(cfg.redis_url, cfg.topic) if cfg.redis_url else None
+        probe: threading.Thread | None = None
         try:
             self._inputs = inputs
+            self._held = HeldBatches()  # effects of a failed run's batches: replayed instead
             self._refresh_inputs(inputs, force=True)
             states = self._recover(consumer, store, producer)
             with self._lock:
@@ -338,17 +417,32 @@ class PartitionWorker:
             consumer.assign(
                 [TopicPartition(cfg.topic, p, s.next_offset) for p, s in states.items()]
             )
-            next_lag_at = 0.0
+            with self._lock:
+                if self._stats.consuming_since is None:
+                    self._stats.consuming_since = self._clock()
+            probe_stop = threading.Event()
+            probe = threading.Thread(
+                target=self._probe_lag, args=(probe_stop,), name="lag-probe", daemon=True
+            )
+            probe.start()
             while not self._stopping.is_set() and self._states:
                 size = self._poison.batch_size(cfg.batch_max_records)
                 messages = consumer.consume(size, cfg.batch_max_ms / 1000)
                 self._refresh_inputs(inputs)  # a batch sees inputs at most one TTL old
-                touched = self._step(messages, consumer, store, producer)
-                self._write_tiles(tiles, touched)
-                if time.monotonic() >= next_lag_at:
-                    self._refresh_lag(consumer)
-                    next_lag_at = time.monotonic() + 1.0
+                self._step(messages)
+                # while a poison record is hunted, every batch is checkpointed on its own
+                hunting = self._poison.limit is not None
+                interval = 0 if hunting else cfg.checkpoint_interval_ms
+                if self._held.due(time.monotonic(), interval, caught_up=not messages):
+                    self._flush(consumer, store, producer, tiles)
+                elif not self._held.batches:
+                    self._note_sealed()
+            if self._held.batches and self._states:  # stopped: the held batches count
+                self._flush(consumer, store, producer, tiles)
         finally:
+            if probe is not None:
+                probe_stop.set()
+                probe.join(5)
             producer.flush(10)
             consumer.close()
             store.close()
@@ -370,11 +464,10 @@ class PartitionWorker:
             if errors is not None:
                 self._stats.rule_errors = errors
 
-    def _step(
-        self, messages: list[Any], consumer: Any, store: CheckpointStore, producer: Producer
-    ) -> list[int]:
-        """One micro-batch; returns the partitions whose state changed."""
+    def _step(self, messages: list[Any]) -> None:
+        """Fold one micro-batch and hold its effects back until the next checkpoint."""
         by_partition: dict[int, list[RecordRef]] = defaultdict(list)
+        new_ref = tuple.__new__  # RecordRef without its Python-level __new__, per record
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -384,44 +477,55 @@ class PartitionWorker:
                 continue
             kind, appended = msg.timestamp()
             by_partition[msg.partition()].append(
-                RecordRef(msg.offset(), msg.key(), msg.value(), appended if kind else None)
+                new_ref(
+                    RecordRef, (msg.offset(), msg.key(), msg.value(), appended if kind else None)
+                )
             )
         with self._lock:
             records = {p: by_partition.get(p, []) for p in self._states}
             outcomes, counted, folded = self._process(records)
             offsets = counted_offsets(counted, folded)
-            outboxes = {
+            boxes = {
                 p: (o, Outbox.of(o, records[p], offsets.get(p, set())))
                 for p, o in outcomes.items()
                 if records[p] or o.closed or o.alerts
             }
-            for outcome, _box in outboxes.values():
+            for outcome, _box in boxes.values():
                 self._pending.extend(outcome.closed)
-        if not outboxes:
-            self._note_sealed()
-            return []
-        saved = self._checkpoint(store, {p: box for p, (_o, box) in outboxes.items()})
+            if boxes:
+                events = raw_event_rows(counted, folded, set(boxes))
+                consumed = {p for p in boxes if records[p]}
+                self._held.add(boxes, consumed, events, time.monotonic())
+        self._poison.succeeded(self._config.batch_max_records)
+
+    def _flush(
+        self, consumer: Any, store: CheckpointStore, producer: Producer, tiles: LiveTiles | None
+    ) -> None:
+        """Checkpoint the held batches: snapshot (with their outbox), effects, offsets,
+        live tiles; then they count in the stats."""
+        held = self._held
+        saved = self._checkpoint(store, held.boxes)
         self._maybe_crash("before_sink")
-        events = raw_event_rows(counted, folded, set(saved))
-        written, events_written = self._apply(saved, producer, events)
+        written, events_written = self._apply(saved, producer, held.events_of(set(saved)))
         self._maybe_crash("after_sink")
-        self._commit(consumer, [p for p in outboxes if records.get(p)])
+        self._commit(consumer, sorted(held.consumed & set(saved)))
         with self._lock:
+            self._held = HeldBatches()
             self._pending.clear()
             s = self._stats
-            s.batches += 1
+            s.batches += held.batches
+            s.last_batch_at = self._clock()
             s.windows_written += written
             s.events_written += events_written
-            for outcome, _box in outboxes.values():
+            for outcome in held.outcomes:
                 s.processed += outcome.processed
                 s.duplicates += outcome.duplicates
                 s.late += len(outcome.late)
                 s.rejected += len(outcome.rejected)
                 s.filtered += outcome.filtered
                 s.alerts += len(outcome.alerts)
-        self._poison.succeeded(self._config.batch_max_records)
         self._note_sealed()
-        return sorted(saved)
+        self._write_tiles(tiles, sorted(saved))
 
     def _process(
         self, records: dict[int, list[RecordRef]]
@@ -480,10 +584,11 @@ class PartitionWorker:
         whose decision is not durable must not happen.
         """
         snapshots = {}
-        for partition, box in outboxes.items():
-            state = self._states[partition]
-            blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
-            snapshots[partition] = (state.next_offset, blob)
+        with self._lock:  # the lag probe moves watermarks meanwhile
+            for partition, box in outboxes.items():
+                state = self._states[partition]
+                blob = orjson.dumps({"snapshot": state.snapshot(), "outbox": box.to_json()})
+                snapshots[partition] = (state.next_offset, blob)
         epoch = self._assignment.epoch
         in_flight = partial(self._maybe_crash, "during_snapshot")
         saved = self._retry(
@@ -746,6 +851,22 @@ class PartitionWorker:
         consumer.unassign()
         return records
 
+    def _probe_lag(self, stop: threading.Event) -> None:
+        """Refresh the lag every second until ``stop``, on this thread and a consumer of its
+        own: a broker round trip per partition (100 ms each on a busy broker) must not
+        stall the batches."""
+        consumer = make_consumer(self._config.bootstrap, self._config.group_id)
+        try:
+            while True:
+                try:
+                    self._refresh_lag(consumer)
+                except Exception:  # a report only; the next round tries again
+                    log.exception("worker %s: refreshing the lag failed", self._assignment.worker)
+                if stop.wait(1.0):
+                    return
+        finally:
+            consumer.close()
+
     def _refresh_lag(self, consumer: Any) -> None:
         """Ask the broker how far each partition goes: the lag, and whether the worker
         has read everything there is (what lets an idle partition's watermark move)."""
@@ -788,11 +909,15 @@ def counted_offsets(
     """Per partition, the offsets of the records that counted."""
     if counted is None or not counted.num_rows:
         return {}
-    flat = [r for batch in records.values() for r in batch]
-    out: dict[int, set[int]] = defaultdict(set)
-    for row, p in zip(counted["_row"].to_pylist(), counted["_partition"].to_pylist(), strict=True):
-        out[p].add(flat[row].offset)
-    return out
+    offsets = _flat_offsets(records)[counted["_row"].to_numpy()]
+    parts = counted["_partition"].to_numpy()
+    return {int(p): set(offsets[parts == p].tolist()) for p in np.unique(parts).tolist()}
+
+
+def _flat_offsets(records: dict[int, list[RecordRef]]) -> np.ndarray:
+    """The offsets of the batch's records in the order ``_row`` numbers them."""
+    flat = [r.offset for batch in records.values() for r in batch]
+    return np.fromiter(flat, np.int64, len(flat))
 
 
 def raw_event_rows(
@@ -803,8 +928,9 @@ def raw_event_rows(
         return None
     keep = pc.is_in(counted["_partition"], pa.array(sorted(partitions), pa.int64()))
     counted = counted.filter(keep)
-    flat = [r for batch in records.values() for r in batch]
-    rows = counted["_row"].to_pylist()
+    rows = counted["_row"]
+    # one Arrow array of the whole batch, then a take: no Python call per row
+    payloads = pa.array([r.value for batch in records.values() for r in batch], pa.binary())
     return pa.table(
         {
             "tenant": counted["tenant"],
@@ -815,7 +941,7 @@ def raw_event_rows(
             "entity": pc.fill_null(counted["entity"], ""),
             "value": counted["value"],
             "partition": pc.cast(counted["_partition"], pa.uint16()),
-            "offset": pa.array([flat[i].offset for i in rows], pa.uint64()),
-            "payload": pa.array([flat[i].value for i in rows], pa.binary()),
+            "offset": pa.array(_flat_offsets(records), pa.uint64()).take(rows),
+            "payload": payloads.take(rows),
         }
     )

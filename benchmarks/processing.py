@@ -37,7 +37,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -57,10 +57,22 @@ from core.transforms import parse_enrichment
 PARTITIONS = 8
 DIMENSION = "bench_devices"
 SITES = 4  # the group-by column from the enrichment: 3 tenants x 5 types x 4 sites
+TENANTS = ("acme", "globex", "initech")
 
 
-def produce(bootstrap: str, topic: str, events: int, entities: int) -> float:
-    """Write the workload; return the seconds it took."""
+class Produced(NamedTuple):
+    """What :func:`produce` wrote: how long it took, and how many distinct events (the
+    rest are re-sent copies, which the pipeline must drop as duplicates)."""
+
+    seconds: float
+    unique: int
+
+
+def produce(
+    bootstrap: str, topic: str, events: int, entities: int, tenants: tuple[str, ...] = TENANTS
+) -> Produced:
+    """Write the workload (``tenants``: three names, so that a run can tell its own
+    events apart from those of other runs in the same ClickHouse)."""
     producer = Producer(
         {
             "bootstrap.servers": bootstrap,
@@ -72,13 +84,14 @@ def produce(bootstrap: str, topic: str, events: int, entities: int) -> float:
     )
     rng = random.Random(42)
     start_ms = int(time.time() * 1000) - 3_600_000
-    tenants = ("acme", "globex", "initech")
+    unique = 0
     types = ("page_view", "purchase", "signup", "click", "search")
     began = time.perf_counter()
     envelope: dict[str, Any] = {}
     for i in range(events):
         # about 1% of the events are a sender's retry: the previous event again
         if not envelope or rng.random() >= 0.01:
+            unique += 1
             entity = rng.randrange(entities)
             envelope = {
                 "event_id": f"ev-{i:09d}",
@@ -102,7 +115,7 @@ def produce(bootstrap: str, topic: str, events: int, entities: int) -> float:
         if i % 10_000 == 0:
             producer.poll(0)
     producer.flush(120)
-    return time.perf_counter() - began
+    return Produced(time.perf_counter() - began, unique)
 
 
 def raw_consume(bootstrap: str, topic: str, events: int) -> float:
@@ -227,11 +240,19 @@ def throughput(
     return {"seconds": elapsed, "rows": pipe.rows, "raw_rows": pipe.raw_rows, **pipe.counts}
 
 
-def _produce_at_rate(bootstrap: str, topic: str, rate: int, seconds: float, entities: int) -> None:
-    """Produce now-stamped events at ``rate`` per second for ``seconds`` (a subprocess)."""
+def produce_at_rate(
+    bootstrap: str,
+    topic: str,
+    rate: int,
+    seconds: float,
+    entities: int,
+    tenants: tuple[str, ...] = TENANTS,
+    sent_out: Any = None,
+) -> None:
+    """Produce now-stamped events at ``rate`` per second for ``seconds`` (run it in a
+    subprocess); ``sent_out``, a ``multiprocessing.Value``, receives how many were sent."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.size": 1_000_000})
     rng = random.Random(7)
-    tenants = ("acme", "globex", "initech")
     types = ("page_view", "purchase", "signup", "click", "search")
     began = time.monotonic()
     sent = 0
@@ -253,6 +274,8 @@ def _produce_at_rate(bootstrap: str, topic: str, rate: int, seconds: float, enti
         producer.poll(0)
         time.sleep(0.002)
     producer.flush(60)
+    if sent_out is not None:
+        sent_out.value = sent
 
 
 def _rss_mb() -> float:
@@ -276,7 +299,7 @@ def offered_load(
     ensure_topics(settings.kafka.bootstrap, [TopicSpec(topic, PARTITIONS)])
     pipe = BenchPipeline(settings, topic, folder)
     producer = multiprocessing.get_context("spawn").Process(
-        target=_produce_at_rate, args=(settings.kafka.bootstrap, topic, rate, seconds, entities)
+        target=produce_at_rate, args=(settings.kafka.bootstrap, topic, rate, seconds, entities)
     )
     producer.start()
     latencies: list[np.ndarray] = []
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     topic = f"bench.events.{uuid.uuid4().hex[:8]}"
     ensure_topics(bootstrap, [TopicSpec(topic, PARTITIONS)])
     print(f"producing {args.events:,} events to {topic} ...", flush=True)
-    produced = produce(bootstrap, topic, args.events, args.entities)
+    produced = produce(bootstrap, topic, args.events, args.entities).seconds
     seed_dimension(settings, args.entities)
     print(f"  produced in {produced:.1f} s ({args.events / produced:,.0f}/s)", flush=True)
     print("reading it back with a bare batch consumer ...", flush=True)

@@ -99,6 +99,7 @@ def worker_config(settings: Settings) -> WorkerConfig:
         group_id=settings.kafka.consumer_group,
         batch_max_records=settings.pipeline.batch_max_records,
         batch_max_ms=settings.pipeline.batch_max_ms,
+        checkpoint_interval_ms=settings.pipeline.checkpoint_interval_ms,
         processing=processing_config(settings),
         checkpoint_dsn=settings.postgres.dsn(),
         alerts_topic=settings.kafka.alerts_topic,

@@ -434,6 +434,15 @@ class PipelineSettings(_Part):
     workers: int = Field(2, ge=1, description="PartitionWorker actors sharing the raw topic.")
     batch_max_records: int = Field(20_000, ge=1, description="Most records in one micro-batch.")
     batch_max_ms: int = Field(200, ge=1, description="Longest wait to fill one micro-batch (ms).")
+    checkpoint_interval_ms: int = Field(
+        0,
+        ge=0,
+        description="Longest time (ms) a worker folds batches before it saves their snapshot "
+        "and writes their effects (raw events, closed windows, dead letters, alerts, offsets, "
+        "live tiles), all held back until then; 0 checkpoints every batch. A worker caught up "
+        "with its partitions checkpoints at once. Open and just-closed windows are readable "
+        "live meanwhile.",
+    )
     windows: tuple[str, ...] = Field(
         ("1m", "5m/1m"),
         min_length=1,
@@ -516,7 +525,7 @@ class PipelineSettings(_Part):
         5.0, gt=0, description="How often workers reload the CEP rules from PostgreSQL."
     )
     live_tiles: bool = Field(
-        True, description="Write the open windows to Redis after every batch (live tiles)."
+        True, description="Write the open windows to Redis after every checkpoint (live tiles)."
     )
 
     @field_validator("transforms")

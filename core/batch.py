@@ -46,6 +46,7 @@ from core.columnar import (
     window_partials,
 )
 from core.dead_letters import FUTURE
+from core.dedup import id_hashes
 from core.event_time import Hopping, Session, Tumbling
 from core.sketches import hash64
 from core.transforms import apply_transforms, enrich
@@ -271,9 +272,8 @@ def _split(
     part = table["_partition"].to_numpy()
     ts = table["ts"].to_numpy()
     rows = table["_row"].to_numpy()
-    keys = pc.binary_join_element_wise(
-        table["tenant"], pc.fill_null(table["source"], ""), table["event_id"], "\x1f"
-    ).to_pylist()
+    hashes = id_hashes(table["tenant"], table["source"], table["event_id"])
+    offset_of = np.fromiter((r.offset for r in refs), np.int64, len(refs))[rows]
     tenants = pc.dictionary_encode(table["tenant"]).combine_chunks()
     tenant_of = tenants.indices.to_numpy(zero_copy_only=False)
     names = tenants.dictionary.to_pylist()
@@ -282,10 +282,9 @@ def _split(
     for p in np.unique(part).tolist():
         idx = np.flatnonzero(part == p)
         state = states[p]
-        offsets = [refs[i].offset for i in rows[idx].tolist()]
-        mask = state.dedup.split_keys([keys[i] for i in idx.tolist()], ts[idx].tolist(), offsets)
+        mask = state.dedup.split_hashes(hashes[idx], ts[idx], offset_of[idx])
         fresh[idx] = mask
-        outcomes[p].duplicates += len(idx) - sum(mask)
+        outcomes[p].duplicates += len(idx) - int(mask.sum())
         before = state.mark_before
         lookup = np.array(
             [NO_WATERMARK if before.get(n) is None else before[n] for n in names], np.int64

@@ -466,8 +466,13 @@ class WindowOperator:
         since_of: Callable[[str], int | None],
         active: Iterable[str],
     ) -> list[ClosedWindow]:
+        points: dict[Group, tuple[int | None, int | None]] = {}  # once per group, not pane
+
         def wanted(group: Group, end: int) -> bool:
-            at, since = mark(_tenant(group)), self._since(group, since_of)
+            got = points.get(group)
+            if got is None:
+                got = points[group] = (mark(_tenant(group)), self._since(group, since_of))
+            at, since = got
             return at is not None and end <= at and (since is None or end > since)
 
         closed = self._windows(wanted)

@@ -84,3 +84,45 @@ def test_rebuild_offset_follows_the_buckets_still_held() -> None:
     assert dedup.rebuild_from() == 40
     dedup.advance(70 * SECOND)  # the [0, 10 s) bucket goes, and its offset with it
     assert dedup.rebuild_from() == 41
+
+
+def test_a_snapshot_in_the_older_text_form_still_restores() -> None:
+    older = {
+        "horizon_ms": 60 * SECOND,
+        "bucket_ms": 10 * SECOND,
+        "buckets": {"0": ["acme\x1fapi\x1fa"]},
+    }
+    restored = DedupFilter.restore(older)
+    fresh, dupes = restored.split([ev("a", 1), ev("b", 2)])
+    assert (ids(fresh), ids(dupes)) == (["b"], ["a"])
+
+
+def test_ids_are_held_as_12_bytes_each() -> None:
+    # Bounded memory: a million ids take 12 MB (hash and bucket), not the ~150 MB of
+    # Python strings and dict entries.
+    dedup = DedupFilter(horizon_ms=3600 * SECOND)
+    keys = [f"acme\x1fapi\x1fev-{i}" for i in range(1_000_000)]
+    fresh = dedup.split_keys(keys, [i // 100 for i in range(1_000_000)])
+    assert all(fresh)
+    assert len(dedup) == 1_000_000
+    assert dedup.nbytes() <= 12 * 1_000_000
+    # and a batch of repeats finds every one of them
+    assert not any(dedup.split_keys(keys[::1000], [0] * 1000))
+
+
+@given(st.lists(st.integers(0, 50), max_size=80), st.integers(1, 5))
+def test_batches_agree_with_one_pass_over_the_same_ids(ids_: list[int], batches: int) -> None:
+    # However a stream is cut into batches (chunks merged or not), the first sighting
+    # of each id is the one that is fresh.
+    dedup = DedupFilter(horizon_ms=10**9, bucket_ms=7)
+    size = max(1, len(ids_) // batches)
+    fresh: list[bool] = []
+    for start in range(0, len(ids_), size):
+        chunk = ids_[start : start + size]
+        fresh += dedup.split_keys([f"t\x1fs\x1f{i}" for i in chunk], chunk)
+    seen: set[int] = set()
+    want = []
+    for i in ids_:
+        want.append(i not in seen)
+        seen.add(i)
+    assert fresh == want
