@@ -195,7 +195,16 @@ class AsyncBatchProducer:
     (``acks=all``, idempotent producer), or raises :class:`StoreUnavailable`.
     """
 
-    def __init__(self, bootstrap: str, *, linger_ms: int, queue_max_messages: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        linger_ms: int,
+        queue_max_messages: int,
+        tuning: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``tuning``: librdkafka settings over the defaults (``compression.type``,
+        ``batch.size``...), for the ingest benchmark's producer sweep."""
         self._queue_max = queue_max_messages
         self._producer = Producer(
             {
@@ -207,6 +216,7 @@ class AsyncBatchProducer:
                 "queue.buffering.max.messages": queue_max_messages,
                 "queue.buffering.max.kbytes": 1024 * 1024,
                 "delivery.timeout.ms": 30_000,
+                **(tuning or {}),
             }
         )
         self._closed = threading.Event()

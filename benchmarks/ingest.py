@@ -42,13 +42,16 @@ from typing import Any
 import httpx
 import orjson
 import ray
+from confluent_kafka import Producer
 from ray import serve
 
-from adapters.kafka import TopicSpec, end_offsets, ensure_topics
+from adapters.kafka import AsyncBatchProducer, Record, TopicSpec, end_offsets, ensure_topics
+from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.sources import Source, SourceCatalog
 from cluster.deploy import connected, edge_config
 from cluster.settings import Settings, load_settings
 from core import signatures
+from core.envelope import validate_events
 
 BENCH_APP = "ingest-bench"
 BENCH_ROUTE = "/bench"
@@ -357,6 +360,91 @@ def start_bare_app(topic: str, port: int) -> subprocess.Popen[bytes]:
     )
 
 
+_SWEEP: list[tuple[str, int, dict[str, Any]]] = [
+    ("linger 5 ms, lz4 (the default)", 5, {}),
+    ("linger 20 ms, lz4", 20, {}),
+    ("linger 0 ms, lz4", 0, {}),
+    ("linger 5 ms, no compression", 5, {"compression.type": "none"}),
+    ("linger 5 ms, zstd", 5, {"compression.type": "zstd"}),
+    ("linger 5 ms, lz4, batch.size 1 MiB", 5, {"batch.size": 1024 * 1024}),
+]
+
+
+def _bench_records(batch: int) -> list[Record]:
+    envelopes, _ = validate_events(
+        orjson.loads(_batch(batch, "bench")),
+        default_source="bench",
+        received_at_ms=int(time.time() * 1000),
+    )
+    out = Outgoing()
+    out.add_envelopes(envelopes, raw_headers())
+    return out.raw
+
+
+async def _publish_for(
+    publisher: EventPublisher, records: list[Record], seconds: float, concurrency: int
+) -> int:
+    """Records acknowledged while ``concurrency`` senders publish ``records`` over and
+    over, as that many concurrent requests would."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+
+    async def sender() -> None:
+        nonlocal sent
+        while time.monotonic() < deadline:
+            await publisher.publish(Outgoing(raw=records))
+            sent += len(records)
+
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    return sent
+
+
+def _flush_only(bootstrap: str, topic: str, records: list[Record], seconds: float) -> int:
+    """The reference without a Python callback per record: produce, then flush()."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(8):
+            for key, value, headers in records:
+                producer.produce(topic, value, key, headers=headers)
+        producer.flush(30)
+        sent += 8 * len(records)
+    return sent
+
+
+def producer_sweep(settings: Settings, topic: str, seconds: float, batch: int) -> None:
+    """The publisher alone, in this process, with each producer setting of the sweep:
+    records/s and this process's CPU (all threads, librdkafka's included) per record."""
+    records = _bench_records(batch)
+    bootstrap = settings.kafka.bootstrap
+    print(f"publisher alone, {batch}-record batches, 8 concurrent senders, {seconds:.0f} s each:")
+    print(f"{'':44}{'records/s':>12}{'CPU µs/record':>15}")
+    for label, linger, tuning in _SWEEP:
+        producer = AsyncBatchProducer(
+            bootstrap, linger_ms=linger, queue_max_messages=200_000, tuning=tuning
+        )
+        publisher = EventPublisher(producer, topic, settings.kafka.dlq_topic)
+        cpu, wall = time.process_time(), time.monotonic()
+        sent = asyncio.run(_publish_for(publisher, records, seconds, 8))
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        publisher.close()
+        print(f"  {label:42}{sent / wall:>12,.0f}{cpu / sent * 1e6:>15.1f}")
+    cpu, wall = time.process_time(), time.monotonic()
+    sent = _flush_only(bootstrap, topic, records, seconds)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    label = "reference: no callback, flush() per 8 batches"
+    print(f"  {label:42}{sent / wall:>12,.0f}{cpu / sent * 1e6:>15.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15, help="length of each wrk run")
@@ -369,9 +457,21 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         default=None,
-        help="write py-spy's collapsed stacks of the Serve replica during the batched run here",
+        help="write py-spy's collapsed stacks of the Serve replica during the batched run "
+        "here (and during the single-event run next to it, .single.txt)",
+    )
+    parser.add_argument(
+        "--producer-sweep",
+        action="store_true",
+        help="measure only the publisher in this process, with each producer setting",
     )
     args = parser.parse_args(argv)
+    if args.producer_sweep:
+        settings = load_settings()
+        topic = f"bench.publish.{uuid.uuid4().hex[:8]}"
+        ensure_topics(settings.kafka.bootstrap, [TopicSpec(topic, PARTITIONS)])
+        producer_sweep(settings, topic, args.seconds, args.batch)
+        return 0
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (or make setup)", file=sys.stderr)
         return 1
@@ -414,7 +514,14 @@ def main(argv: list[str] | None = None) -> int:
                 shares = cpu_shares(before, cpu_seconds(), time.monotonic() - started)
                 if spy is not None:
                     spy.wait(30)
+                spy = (
+                    profile_replica(args.seconds, args.profile.with_suffix(".single.txt"))
+                    if args.profile
+                    else None
+                )
                 results["serve single"] = wrk(serve_url, single, args.seconds, args.connections)
+                if spy is not None:
+                    spy.wait(30)
                 results["serve webhook batched"] = wrk(
                     serve_url.replace("/v1/events", hook_path),
                     serve_hook,
