@@ -21,10 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from adapters.exceptions import StoreUnavailable
 from core.cdc import DELETED_COLUMN, VERSION_COLUMN, CdcEventError, Change, parse_change
@@ -276,7 +276,8 @@ class CdcApplierConfig:
 
 def make_applier(config: CdcApplierConfig, sink: CdcSink) -> CdcApplier:
     """An applier subscribed to the change topics, with Redis positions and stats."""
-    from adapters.kafka import make_consumer
+    from adapters.kafka import Record, make_consumer
+    from adapters.publisher import EventPublisher, Outgoing
     from adapters.redis import CdcPositions
     from adapters.source_stats import SourceStats
 
@@ -287,13 +288,12 @@ def make_applier(config: CdcApplierConfig, sink: CdcSink) -> CdcApplier:
         **{"topic.metadata.refresh.interval.ms": 2000},
     )
     consumer.subscribe([topic_pattern(config.topic_prefix)])
-    producer = Producer({"bootstrap.servers": config.bootstrap, "acks": "all"})
+    # Changes go to ClickHouse, not to a raw topic: only dead letters are published.
+    publisher = EventPublisher.connect(config.bootstrap, "", config.dlq_topic)
 
     def dead_letters(records: list[DeadLetter]) -> None:
-        for key, value, headers in records:
-            producer.produce(config.dlq_topic, value=value, key=key, headers=headers)
-        if producer.flush(30) > 0:
-            raise StoreUnavailable(f"Kafka did not take {len(records)} CDC dead letters")
+        # A tombstone's dead letter keeps its null value: the producer takes None.
+        publisher.publish_blocking(Outgoing(dead=cast("list[Record]", records)), timeout=30)
 
     return CdcApplier(
         consumer,

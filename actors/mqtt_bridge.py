@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -33,17 +32,17 @@ import orjson
 
 from adapters.devices import DeviceStore
 from adapters.exceptions import Backpressure, StoreUnavailable
-from adapters.kafka import AsyncBatchProducer, Headers
+from adapters.kafka import Headers, Record
 from adapters.mqtt import Inbound, Subscriber, SubscriberConfig
+from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.source_stats import SourceStats
 from core.dead_letters import dead_letter_headers
 from core.device_telemetry import SOURCE, device_from_topic, telemetry_envelope
-from core.envelope import ENVELOPE_SCHEMA, partition_key, size_problem
+from core.envelope import partition_key, size_problem
 
 log = logging.getLogger(__name__)
 
 BRIDGE_NAME = "rayline-mqtt-bridge"
-Record = tuple[bytes | None, bytes, Headers]
 
 
 @dataclass(frozen=True)
@@ -100,10 +99,6 @@ class DeviceTenants:
         return {d: self._tenants[d] for d in devices if d in self._tenants}
 
 
-def _traceparent() -> bytes:
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01".encode()
-
-
 def route(
     message: Inbound, tenants: dict[str, str], max_payload_bytes: int
 ) -> tuple[Record | None, Record | None]:
@@ -150,7 +145,7 @@ def _encode(
     problem = size_problem(len(data))
     if problem is not None:
         return None, problem
-    headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", _traceparent())]
+    headers = raw_headers()  # each message is a trace of its own
     return (partition_key(envelope), data, headers), None
 
 
@@ -216,11 +211,15 @@ class MqttBridge:
         io = ThreadPoolExecutor(1, thread_name_prefix="mqtt-bridge-io")
         store = DeviceStore(c.postgres_dsn)
         stats = SourceStats(c.redis_url)
-        producer = AsyncBatchProducer(
-            c.bootstrap, linger_ms=c.linger_ms, queue_max_messages=c.queue_max_messages
+        publisher = EventPublisher.connect(
+            c.bootstrap,
+            c.raw_topic,
+            c.dlq_topic,
+            linger_ms=c.linger_ms,
+            queue_max_messages=c.queue_max_messages,
         )
         subscriber = self._subscriber(deliver)
-        run = _BatchRun(self, subscriber, producer, DeviceTenants(store.tenants), stats, io)
+        run = _BatchRun(self, subscriber, publisher, DeviceTenants(store.tenants), stats, io)
         subscriber.start()
         try:
             while not stop.is_set():
@@ -230,7 +229,7 @@ class MqttBridge:
                 await run.report_errors()
         finally:
             subscriber.stop()
-            producer.close()
+            publisher.close()
             await loop.run_in_executor(io, store.close)
             stats.close()
             io.shutdown(wait=True)
@@ -243,7 +242,7 @@ class _BatchRun:
         self,
         bridge: MqttBridge,
         subscriber: Subscriber,
-        producer: AsyncBatchProducer,
+        publisher: EventPublisher,
         tenants: DeviceTenants,
         stats: SourceStats,
         io: ThreadPoolExecutor,
@@ -251,7 +250,7 @@ class _BatchRun:
         self.bridge = bridge
         self.config = bridge._config
         self.subscriber = subscriber
-        self.producer = producer
+        self.publisher = publisher
         self.tenants = tenants
         self.stats = stats
         self.io = io
@@ -288,10 +287,7 @@ class _BatchRun:
         while batch and not stop.is_set():
             try:
                 raw, dead = await self._records(batch)
-                await asyncio.gather(
-                    self.producer.send(self.config.raw_topic, raw),
-                    self.producer.send(self.config.dlq_topic, dead),
-                )
+                await self.publisher.publish(Outgoing(raw, dead))
             except Backpressure as exc:
                 await asyncio.sleep(exc.retry_after)
             except StoreUnavailable as exc:

@@ -35,7 +35,6 @@ Header values of a source may be credentials: they are sent, never logged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -48,13 +47,13 @@ import orjson
 
 from adapters import http_egress
 from adapters.exceptions import Backpressure, StoreUnavailable
-from adapters.kafka import AsyncBatchProducer, Headers
+from adapters.kafka import AsyncBatchProducer
 from adapters.poll_cursors import CursorStore
+from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.source_stats import SourceStats
 from adapters.sources import Source
-from core.dead_letters import dead_letter_headers
 from core.egress import EgressPolicy, require_same_origin
-from core.envelope import ENVELOPE_SCHEMA, partition_key, validate_events
+from core.envelope import validate_events
 from core.exceptions import ConfigurationError, InvalidInputError, RaylineError
 from core.polling import (
     PollConfig,
@@ -70,7 +69,6 @@ from core.source_mapping import EnvelopeMapping, apply_mapping, parse_mapping
 log = logging.getLogger(__name__)
 _RETRIED_STATUS = frozenset({408, 500, 502, 503, 504})
 _SEND_ATTEMPTS = 5
-Record = tuple[bytes | None, bytes, Headers]
 
 
 class PollFailed(RaylineError):
@@ -161,7 +159,7 @@ class Poller:
     ) -> None:
         self.source = source
         self._egress = egress or EgressPolicy()
-        self._producer = producer
+        self._publisher = EventPublisher(producer, topics.raw, topics.dlq)
         self._cursors = cursors
         self._stats = stats
         self._topics = topics
@@ -173,12 +171,10 @@ class Poller:
         self._sleep = sleep
         self._uniform = uniform
         self._should_stop = should_stop
-        self._loop = asyncio.new_event_loop()
 
     def close(self) -> None:
         if self._own_client:
             self._client.close()
-        self._loop.close()
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -304,14 +300,11 @@ class Poller:
         """Produce a page's records and wait for Kafka's acknowledgement of all of them."""
         if not records:
             return 0, 0
-        raw, dead = self._split(records, first_index, headers)
-        self._send(self._topics.raw, raw)
-        self._send(self._topics.dlq, dead)
-        return len(raw), len(dead)
+        batch = self._split(records, first_index, headers)
+        self._send(batch)
+        return len(batch.raw), len(batch.dead)
 
-    def _split(
-        self, records: list[Any], first_index: int, headers: Mapping[str, str]
-    ) -> tuple[list[Record], list[Record]]:
+    def _split(self, records: list[Any], first_index: int, headers: Mapping[str, str]) -> Outgoing:
         src = self.source
         received_at_ms = self._now_ms()
         mapped: list[Any] = []
@@ -332,27 +325,26 @@ class Poller:
         for error in errors:
             if error.index is not None:
                 reasons.setdefault(error.index, []).append(str(error))
-        trace = f"00-{random.randbytes(16).hex()}-{random.randbytes(8).hex()}-01".encode()
-        raw_headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
-        raw: list[Record] = [(partition_key(e), orjson.dumps(e), raw_headers) for e in envelopes]
-        dead: list[Record] = []
+        batch = Outgoing()
+        accepted = [i for i in range(len(records)) if i not in reasons]
+        for position, problem in batch.add_envelopes(envelopes, raw_headers()):
+            reasons[accepted[position]] = [problem]
         for index in sorted(reasons):
-            reason = "; ".join(reasons[index] + problems[index])
-            dlq_headers = dead_letter_headers(
+            batch.dead_letter(
                 "poll",
-                reason,
+                "; ".join(reasons[index] + problems[index]),
+                orjson.dumps(records[index]),
                 received_at_ms,
                 source=src.name,
                 tenant=src.tenant,
                 index=first_index + index,
             )
-            dead.append((None, orjson.dumps(records[index]), list(dlq_headers)))
-        return raw, dead
+        return batch
 
-    def _send(self, topic: str, records: list[Record]) -> None:
+    def _send(self, batch: Outgoing) -> None:
         for attempt in range(_SEND_ATTEMPTS):
             try:
-                self._loop.run_until_complete(self._producer.send(topic, records))
+                self._publisher.publish_blocking(batch)
                 return
             except Backpressure as exc:
                 if attempt == _SEND_ATTEMPTS - 1:

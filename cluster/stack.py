@@ -283,6 +283,7 @@ class LocalStack:
                 "RAY_USAGE_STATS_ENABLED": "0",
                 **local_secrets.ray_environment(s),
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if s.serve.throughput_optimized else "0",
+                "RAY_SERVE_ENABLE_HA_PROXY": "1" if s.serve.haproxy else "0",
             },
             start_timeout=120,
         )

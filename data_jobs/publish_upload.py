@@ -32,25 +32,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import orjson
 import ray
 
 from adapters.exceptions import Backpressure, StoreUnavailable
-from adapters.kafka import AsyncBatchProducer, Headers
+from adapters.kafka import Record
+from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.s3 import S3Config, S3Store
 from adapters.source_stats import SourceStats
 from adapters.sources import SourceCatalog
 from adapters.uploads import Upload, UploadTable
-from core.dead_letters import dead_letter_headers
-from core.envelope import ENVELOPE_SCHEMA, partition_key, validate_events
+from core.envelope import validate_events
 from core.formats import RecordError, iter_records
 from core.source_mapping import apply_mapping, parse_mapping
 
 _SEND_ATTEMPTS = 30
-Record = tuple[bytes | None, bytes, Headers]
 Item: TypeAlias = "tuple[int, Any] | RecordError"
 
 
@@ -68,12 +67,17 @@ class UploadJobConfig:
     linger_ms: int = 20
 
 
-@dataclass(slots=True)
-class Batch:
-    """One batch's verdicts: records for the raw topic and for the dead-letter topic."""
+class Batch(Outgoing):
+    """One batch's verdicts: records for the raw topic (``accepted``) and for the
+    dead-letter topic (``rejected``), published through the shared publisher."""
 
-    accepted: list[Record] = field(default_factory=list)
-    rejected: list[Record] = field(default_factory=list)
+    @property
+    def accepted(self) -> list[Record]:
+        return self.raw
+
+    @property
+    def rejected(self) -> list[Record]:
+        return self.dead
 
 
 def event_id_for(upload_id: str, index: int) -> str:
@@ -102,19 +106,19 @@ def _raw_bytes(record: Any) -> bytes:
     return orjson.dumps(record, default=str, option=orjson.OPT_NON_STR_KEYS)
 
 
-def _dead_letter(upload: Upload, index: int, reason: str, value: bytes, at_ms: int) -> Record:
-    headers: Headers = [
-        *dead_letter_headers(
-            "upload",
-            reason,
-            at_ms,
-            source=upload.source,
-            upload=upload.id,
-            index=index,
-            tenant=upload.tenant,
-        )
-    ]
-    return None, value, headers
+def _dead_letter(
+    batch: Batch, upload: Upload, index: int, reason: str, value: bytes, at_ms: int
+) -> None:
+    batch.dead_letter(
+        "upload",
+        reason,
+        value,
+        at_ms,
+        source=upload.source,
+        upload=upload.id,
+        index=index,
+        tenant=upload.tenant,
+    )
 
 
 def split_batch(
@@ -136,24 +140,18 @@ def split_batch(
     candidates: list[tuple[int, Any]] = []
     for item in items:
         if isinstance(item, RecordError):
-            batch.rejected.append(
-                _dead_letter(upload, item.index, item.message, item.raw, received_at_ms)
-            )
+            _dead_letter(batch, upload, item.index, item.message, item.raw, received_at_ms)
             continue
         index, record = item
         if mapping is not None:
             record, problems = _map(mapping, record, received_at_ms)
             if problems:
                 reason = "mapping: " + "; ".join(problems)
-                batch.rejected.append(
-                    _dead_letter(upload, index, reason, _raw_bytes(item[1]), received_at_ms)
-                )
+                _dead_letter(batch, upload, index, reason, _raw_bytes(item[1]), received_at_ms)
                 continue
         stamped, problem = _stamp(record, index, upload)
         if problem is not None:
-            batch.rejected.append(
-                _dead_letter(upload, index, problem, _raw_bytes(record), received_at_ms)
-            )
+            _dead_letter(batch, upload, index, problem, _raw_bytes(record), received_at_ms)
             continue
         candidates.append((index, stamped))
     _validate_into(batch, candidates, upload, received_at_ms)
@@ -178,17 +176,15 @@ def _validate_into(
         assert error.index is not None  # a list was validated: every error has its event
         where = f"{error.field}: " if error.field else ""
         problems.setdefault(error.index, []).append(where + error.message)
-    accepted = iter(envelopes)
-    headers: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("origin.upload", upload.id.encode())]
     for position, (index, record) in enumerate(candidates):
         if position in problems:
             reason = "; ".join(problems[position])
-            batch.rejected.append(
-                _dead_letter(upload, index, reason, _raw_bytes(record), received_at_ms)
-            )
-        else:
-            envelope = next(accepted)
-            batch.accepted.append((partition_key(envelope), orjson.dumps(envelope), headers))
+            _dead_letter(batch, upload, index, reason, _raw_bytes(record), received_at_ms)
+    accepted = [c for p, c in enumerate(candidates) if p not in problems]
+    headers = raw_headers(None, ("origin.upload", upload.id.encode()))
+    for position, problem in batch.add_envelopes(envelopes, headers):
+        index, record = accepted[position]
+        _dead_letter(batch, upload, index, problem, _raw_bytes(record), received_at_ms)
 
 
 def batches(items: Iterator[Item], size: int, skip: int = 0) -> Iterator[list[Item]]:
@@ -235,8 +231,10 @@ class _Job:
 
     async def _publish(self, upload: Upload) -> None:
         mapping, csv_schema = await self._source_rules(upload)
-        producer = AsyncBatchProducer(
+        publisher = EventPublisher.connect(
             self.config.bootstrap,
+            self.config.raw_topic,
+            self.config.dlq_topic,
             linger_ms=self.config.linger_ms,
             queue_max_messages=max(100_000, 4 * self.config.batch_rows),
         )
@@ -248,14 +246,14 @@ class _Job:
                 for group in batches(items, self.config.batch_rows, skip=read):
                     now_ms = int(time.time() * 1000)
                     batch = split_batch(group, upload, now_ms, mapping)
-                    await self._send(producer, batch)
+                    await self._send(publisher, batch)
                     read += len(group)
                     accepted += len(batch.accepted)
                     rejected += len(batch.rejected)
                     await self.table.progress(upload.id, read, accepted, rejected)
                     self._record(upload.source, len(batch.accepted), len(batch.rejected))
         finally:
-            producer.close(5)
+            publisher.close(5)
 
     async def _source_rules(self, upload: Upload) -> tuple[Any, Any]:
         """The source's payload mapping (None: rows are envelopes) and, for CSV, the
@@ -270,23 +268,19 @@ class _Job:
             csv_schema = None if found is None else orjson.loads(found[1])
         return mapping, csv_schema
 
-    async def _send(self, producer: AsyncBatchProducer, batch: Batch) -> None:
-        for topic, records in (
-            (self.config.raw_topic, batch.accepted),
-            (self.config.dlq_topic, batch.rejected),
-        ):
-            for attempt in range(_SEND_ATTEMPTS):
-                try:
-                    await producer.send(topic, records)
-                    break
-                except Backpressure as exc:
-                    # `send` enqueues all records or none, so a repeat sends no copy.
-                    if attempt == _SEND_ATTEMPTS - 1:
-                        raise StoreUnavailable(
-                            f"Kafka's producer queue stayed full for {_SEND_ATTEMPTS} "
-                            f"attempts while publishing to {topic!r}: {exc}"
-                        ) from exc
-                    await asyncio.sleep(exc.retry_after)
+    async def _send(self, publisher: EventPublisher, batch: Batch) -> None:
+        for attempt in range(_SEND_ATTEMPTS):
+            try:
+                await publisher.publish(batch)
+                return
+            except Backpressure as exc:
+                # `publish` enqueues all records or none, so a repeat sends no copy.
+                if attempt == _SEND_ATTEMPTS - 1:
+                    raise StoreUnavailable(
+                        f"Kafka's producer queue stayed full for {_SEND_ATTEMPTS} "
+                        f"attempts while publishing upload rows: {exc}"
+                    ) from exc
+                await asyncio.sleep(exc.retry_after)
 
     def _record(
         self, source: str, accepted: int = 0, rejected: int = 0, error: str | None = None

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,19 +43,17 @@ import orjson
 from fastapi import Request
 
 from adapters.exceptions import Backpressure, StoreUnavailable
-from adapters.kafka import AsyncBatchProducer, Headers, consumer_lag
+from adapters.kafka import Headers, consumer_lag
+from adapters.publisher import EventPublisher, Outgoing, new_traceparent, raw_headers
 from adapters.rate_limits import Bucket, RateLimiter
 from adapters.redis import DeliveryLog
 from adapters.source_stats import AsyncSourceStats
 from adapters.sources import Source, SourceCatalog
 from core import avro, formats, signatures
-from core.dead_letters import dead_letter_headers
 from core.envelope import (
-    ENVELOPE_SCHEMA,
     FieldError,
     name_problem,
     partition_key,
-    size_problem,
     validate_events,
 )
 from core.exceptions import ConfigurationError
@@ -134,15 +131,14 @@ def _traceparent(incoming: str | None) -> bytes:
     """Keep the caller's W3C trace context, or start a new trace."""
     if incoming and len(incoming) == 55 and incoming.count("-") == 3:
         return incoming.encode()
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01".encode()
+    return new_traceparent()
 
 
 @dataclass
 class _Batch:
-    """The records of one request on their way to Kafka."""
+    """The records of one request on their way to Kafka, and what the answer lists."""
 
-    raw: list[tuple[bytes | None, bytes, Headers]] = field(default_factory=list)
-    dead: list[tuple[bytes | None, bytes, Headers]] = field(default_factory=list)
+    out: Outgoing = field(default_factory=Outgoing)
     errors: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -152,8 +148,10 @@ class IngestEdge:
     def __init__(self, config: EdgeConfig, clock: Callable[[], float] = time.time) -> None:
         self._config = config
         self._clock = clock
-        self._producer = AsyncBatchProducer(
+        self._publisher = EventPublisher.connect(
             config.bootstrap,
+            config.topic,
+            config.dlq_topic,
             linger_ms=config.linger_ms,
             queue_max_messages=config.queue_max_messages,
         )
@@ -177,10 +175,10 @@ class IngestEdge:
         }
 
     def queued(self) -> int:
-        return self._producer.queued()
+        return self._publisher.queued()
 
     def close(self) -> None:
-        self._producer.close(5)
+        self._publisher.close(5)
 
     # Endpoints -------------------------------------------------------------------
 
@@ -438,44 +436,33 @@ class IngestEdge:
         batch = _Batch()
         for error in decoded.errors:
             self._reject(batch, source, error.index, [("", error.message)], error.raw, received)
-        items = [record for _, record in records]
         envelopes, problems = validate_events(
-            items,
+            [record for _, record in records],
             default_source=source,
             received_at_ms=received,
             max_future_ms=self._config.max_future_ms,
         )
         bad = _group(problems)
-        trace = _traceparent(request.headers.get("traceparent"))
-        plain: Headers = [("schema", ENVELOPE_SCHEMA.encode()), ("traceparent", trace)]
-        subjects = [avro.subject_for(e["source"], e["type"]) for e in envelopes]
-        schemas = await self._schemas_of(set(subjects))
-        good = iter(zip(envelopes, subjects, strict=True))
-        for position, (index, record) in enumerate(records):
-            if position in bad:
-                found = [(p.field, p.message) for p in bad[position]]
-                code = next((p.reason for p in bad[position] if p.reason), None)
-                self._reject(batch, source, index, found, _raw(record), received, code)
-                continue
-            envelope, subject = next(good)
-            schema = schemas[subject]
-            if schema is None:  # the common case: no schema, JSON on the topic
-                data, problem = _dumps(envelope)
-                if problem is not None:
-                    self._reject(batch, source, index, [("", problem)], _raw(record), received)
-                    continue
-                batch.raw.append((partition_key(envelope), data, plain))
-                continue
-            encoded = _encode(envelope, subject, *schema)
-            if isinstance(encoded, str):
-                self._reject(batch, source, index, [("", encoded)], _raw(record), received)
-                continue
-            headers = [
-                *plain,
-                ("schema.subject", subject.encode()),
-                ("schema.id", str(schema[0]).encode()),
-            ]
-            batch.raw.append((partition_key(envelope), encoded, headers))
+        for position, found in sorted(bad.items()):
+            index, record = records[position]
+            code = next((p.reason for p in found if p.reason), None)
+            fields = [(p.field, p.message) for p in found]
+            self._reject(batch, source, index, fields, _raw(record), received, code)
+        accepted = [records[p] for p in range(len(records)) if p not in bad] if bad else records
+        plain = raw_headers(_traceparent(request.headers.get("traceparent")))
+        subjects = {(e["source"], e["type"]) for e in envelopes}
+        named = {pair: avro.subject_for(*pair) for pair in subjects}
+        schemas = await self._schemas_of(set(named.values()))
+        if not any(schemas.values()):  # the common case: no schema, JSON on the topic
+            for position, refused in batch.out.add_envelopes(envelopes, plain):
+                index, record = accepted[position]
+                self._reject(batch, source, index, [("", refused)], _raw(record), received)
+            return batch
+        for (index, record), envelope in zip(accepted, envelopes, strict=True):
+            subject = named[envelope["source"], envelope["type"]]
+            problem = _add(batch.out, envelope, subject, schemas[subject], plain)
+            if problem is not None:
+                self._reject(batch, source, index, [("", problem)], _raw(record), received)
         return batch
 
     async def _schemas_of(self, subjects: set[str]) -> dict[str, tuple[int, Any] | None]:
@@ -500,31 +487,23 @@ class IngestEdge:
         the ``detail`` header."""
         batch.errors += [{"index": index, "field": f, "message": m} for f, m in problems]
         reason = "; ".join(f"field '{f}' {m}" if f else m for f, m in problems)
-        headers = dead_letter_headers(
-            "ingest",
-            code or reason,
-            received,
-            detail=reason if code else None,
-            source=source,
-            index=index,
+        detail = reason if code else None
+        batch.out.dead_letter(
+            "ingest", code or reason, raw, received, detail=detail, source=source, index=index
         )
-        batch.dead.append((None, raw, list(headers)))
 
     async def _send(self, batch: _Batch, source: str) -> Answer:
         cfg = self._config
         now_ms = int(self._clock() * 1000)
         try:
-            await asyncio.gather(
-                self._producer.send(cfg.topic, batch.raw),
-                self._producer.send(cfg.dlq_topic, batch.dead),
-            )
+            await self._publisher.publish(batch.out)
         except Backpressure as exc:
             self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
             return Answer.error(503, str(exc), retry_after=exc.retry_after)
         except StoreUnavailable as exc:
             self._stats.record(source, now_ms=now_ms, errors=1, error=str(exc))
             return Answer.error(503, str(exc), retry_after=5)
-        accepted, rejected = len(batch.raw), len(batch.dead)
+        accepted, rejected = len(batch.out.raw), len(batch.out.dead)
         self._stats.record(source, now_ms=now_ms, accepted=accepted, rejected=rejected)
         body: dict[str, Any] = {"accepted": accepted, "rejected": rejected}
         if batch.errors:
@@ -554,13 +533,24 @@ def _raw(record: Any) -> bytes:
     return text[:4096].encode(errors="backslashreplace")
 
 
-def _dumps(envelope: dict[str, Any]) -> tuple[bytes, str | None]:
-    """The envelope as JSON, or why it cannot go to Kafka (too deep, too large)."""
-    try:
-        data = orjson.dumps(envelope)
-    except orjson.JSONEncodeError as exc:
-        return b"", f"cannot be written as JSON: {exc}"
-    return data, size_problem(len(data))
+def _add(
+    out: Outgoing,
+    envelope: dict[str, Any],
+    subject: str,
+    schema: tuple[int, Any] | None,
+    plain: Headers,
+) -> str | None:
+    """Add one envelope (Avro under its subject's schema, JSON where none applies), or
+    say why it cannot be written."""
+    if schema is None:
+        refused = out.add_envelopes([envelope], plain)
+        return refused[0][1] if refused else None
+    encoded = _encode(envelope, subject, *schema)
+    if isinstance(encoded, str):
+        return encoded
+    headers = [*plain, ("schema.subject", subject.encode()), ("schema.id", str(schema[0]).encode())]
+    out.add(partition_key(envelope), encoded, headers)
+    return None
 
 
 def _encode(envelope: dict[str, Any], subject: str, schema_id: int, parsed: Any) -> bytes | str:
