@@ -322,7 +322,7 @@ class QueryAPI:
     async def healthz(self) -> Response:
         """200 while ClickHouse answers; the cache may be bypassed (Redis down)."""
         try:
-            sealed = await self._service.sealed()
+            sealed = await self._service.sealed(fresh=True)
             clickhouse = "ok"
         except StoreUnavailable as exc:
             sealed, clickhouse = None, f"unavailable: {exc}"
