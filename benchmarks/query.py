@@ -10,8 +10,11 @@ seeded into the same state folder. Then, with ``--clients`` concurrent clients:
   (every request misses the Redis cache) and warm (every request hits it);
 * a raw scan over one day (``POST /v1/query/sql``: count, distinct, p99 of one type).
 
-Each line also shows the reference measured in the same run: the same statement run
-directly on the ClickHouse owner actor, one at a time, without HTTP or Serve.
+Each line also shows the references measured in the same run: the same statements run
+directly on the ClickHouse owner actor, one at a time, without HTTP or Serve ("engine
+alone", with the API's statement settings), and a bare Serve hello-world driven by the
+same client ("hello-world"). The replica's own time, and per hop (cache lookup, slot,
+the engine through the owner actor), comes from each answer's ``Server-Timing``.
 
 Run by ``make bench`` on a running stack: ``python -m benchmarks.query --help``.
 """
@@ -74,8 +77,10 @@ def _line(name: str, timed: Timed, reference: list[float] | None = None) -> str:
         f"{name:<40} p50 {_pct(api, 0.5):6.1f} ms  p95 {_pct(api, 0.95):6.1f}  "
         f"p99 {_pct(api, 0.99):6.1f}  (n={len(api)})"
     )
-    if timed.server:
-        text += f"  in replica p50 {statistics.median(timed.server):5.1f}"
+    if "query" in timed.hops:
+        text += f"  in replica p50 {statistics.median(timed.hops['query']):5.1f}"
+        parts = [f"{h} {statistics.median(v):.1f}" for h, v in timed.hops.items() if h != "query"]
+        text += f" ({', '.join(parts)})" if parts else ""
     if reference:
         text += f"  | engine alone p50 {statistics.median(reference):5.1f} ms"
     return text
@@ -84,10 +89,11 @@ def _line(name: str, timed: Timed, reference: list[float] | None = None) -> str:
 @dataclass
 class Timed:
     """Latencies of one measurement (ms): seen by the client, and inside the replica
-    (its ``Server-Timing`` header: from the handler's start to its answer)."""
+    (its ``Server-Timing`` header: from the service's start to its answer, and per hop)."""
 
     total: list[float] = field(default_factory=list)
-    server: list[float] = field(default_factory=list)
+    hops: dict[str, list[float]] = field(default_factory=dict)
+    """Per hop in the replica (``query``: all of it; ``cache``, ``slots``, ``engine``)."""
 
 
 class Bench:
@@ -153,14 +159,19 @@ class Bench:
              "metric": "distinct", "from": str(self.start / 1000), "to": to_s}),
         ]  # fmt: skip
 
-    def reference(self, params: dict[str, str], sealed: Sealed) -> list[float]:
-        request = parse_series_request(
-            {"tenant": TENANTS[0], **params}, now_ms=self.end, max_points=1500
-        )
-        assert not isinstance(request, list), request
-        build = summary_statement if "top" in params else series_statement
-        statement = build(request, sealed, self.db)
-        return self.engine_alone(statement.sql, statement.parameters, self.args.reference_runs)
+    def reference(self, requests: list[dict[str, str]], sealed: Sealed) -> list[float]:
+        """The statements of these requests (the cold pass's first ones) on the engine
+        alone: the same ranges, hence the same parts and rows read (ms each)."""
+        times: list[float] = []
+        for params in requests:
+            request = parse_series_request(
+                {"tenant": TENANTS[0], **params}, now_ms=self.end, max_points=1500
+            )
+            assert not isinstance(request, list), request
+            build = summary_statement if "top" in params else series_statement
+            statement = build(request, sealed, self.db)
+            times += self.engine_alone(statement.sql, statement.parameters, 1)
+        return times
 
     def engine_alone(self, sql: str, parameters: dict[str, Any], runs: int) -> list[float]:
         """``sql`` run ``runs`` times on the owner actor from this driver, one at a time (ms)."""
@@ -172,11 +183,14 @@ class Bench:
         return times
 
 
-def _server_ms(answer: httpx.Response) -> float | None:
-    """The replica's own time for a request, from ``Server-Timing: query;dur=<ms>``."""
-    timing = answer.headers.get("server-timing", "")
-    _, found, dur = timing.partition("dur=")
-    return float(dur.split(",")[0]) if found else None
+def _server_timing(answer: httpx.Response) -> dict[str, float]:
+    """The replica's own times (ms) by hop, from ``Server-Timing: query;dur=12.3, ...``."""
+    hops = {}
+    for entry in answer.headers.get("server-timing", "").split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        if dur:
+            hops[name] = float(dur)
+    return hops
 
 
 async def _drive(
@@ -193,9 +207,8 @@ async def _drive(
             timed.total.append((time.perf_counter() - began) * 1000)
             if answer.status_code != 200:
                 raise RuntimeError(f"query answered {answer.status_code}: {answer.text[:300]}")
-            server = _server_ms(answer)
-            if server is not None:
-                timed.server.append(server)
+            for hop, ms in _server_timing(answer).items():
+                timed.hops.setdefault(hop, []).append(ms)
 
     await asyncio.gather(*(worker() for _ in range(clients)))
     return timed
@@ -229,7 +242,8 @@ async def _measure(
 
             def cold(i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
                 # A new range end every request: nothing is in the cache yet.
-                # (a 1,000-minute step per client count: passes do not share entries)
+                # (a 1,000-minute step per client count: passes do not share entries;
+                # the reference runs the statements of the first ones again)
                 return http.get(path, params=bench.dashboard(1 + i + 1000 * clients)[index][1])
 
             def warm(_i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
@@ -238,7 +252,9 @@ async def _measure(
             await warm(0)  # fill the cache for the warm run
             cold_ms = await _drive(clients, args.requests, cold)
             warm_ms = await _drive(clients, args.requests, warm)
-            reference = bench.reference(bench.dashboard(0)[index][1], sealed)
+            shifts = range(1 + 1000 * clients, 1 + 1000 * clients + args.reference_runs)
+            cold_requests = [bench.dashboard(shift)[index][1] for shift in shifts]
+            reference = bench.reference(cold_requests, sealed)
             print(_line(f"{name}, cold", cold_ms, reference))
             warm_p50 = statistics.median(warm_ms.total)
             ratio = warm_p50 / outcome.hello_p50

@@ -14,9 +14,11 @@ at once, shared by the replicas through Redis): a tenant over its slots gets 429
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -41,6 +43,8 @@ from serve_apps.http import Answer
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
 log = logging.getLogger(__name__)
+_spent: contextvars.ContextVar[dict[str, float]] = contextvars.ContextVar("query_spent")
+"""Per request (each runs in a task of its own): seconds spent per hop, for Server-Timing."""
 T = TypeVar("T")
 NARROW = (
     "narrow it: a shorter time range (from/to), a coarser resolution (1h or 1d), fewer "
@@ -268,11 +272,13 @@ class QueryService:
         ClickHouse until it ends or its time limit stops it, and the slot's lease (the
         time limit and a margin) frees it then.
         """
-        slot = await self._slots.take(tenant) if self._slots is not None else None
+        with _timed("slots"):
+            slot = await self._slots.take(tenant) if self._slots is not None else None
         if slot is not None and not slot.verdict.granted:
             return too_many_running(tenant, slot.verdict)
         try:
-            return await read()
+            with _timed("engine"):
+                return await read()
         except asyncio.CancelledError:
             slot = None
             raise
@@ -331,7 +337,9 @@ class QueryService:
     ) -> Answer:
         """The cached answer when there is one, else ``uncached``'s; timed either way."""
         started = time.perf_counter()
-        lookup = await self.cached(tenant, endpoint, params)
+        _spent.set({})
+        with _timed("cache"):
+            lookup = await self.cached(tenant, endpoint, params)
         if lookup.answer is not None:
             return Answer(200, lookup.answer, {"X-Cache": "hit", **_took(started)})
         answer = await uncached(tenant, params, lookup)
@@ -454,8 +462,23 @@ class QueryService:
         return Answer(200, {"columns": columns, "rows": [_json_value(list(r)) for r in found]})
 
 
+@contextmanager
+def _timed(hop: str) -> Iterator[None]:
+    """Add the time the block takes to this request's ``hop`` (see ``_took``)."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent = _spent.get(None)
+        if spent is not None:
+            spent[hop] = spent.get(hop, 0.0) + time.perf_counter() - began
+
+
 def _took(started: float) -> dict[str, str]:
-    return {"Server-Timing": f"query;dur={(time.perf_counter() - started) * 1000:.1f}"}
+    """``Server-Timing``: the request's time in the replica (``query``), then per hop
+    (cache lookup, slot, the engine through the owner actor) where it took any."""
+    hops = [("query", time.perf_counter() - started), *(_spent.get(None) or {}).items()]
+    return {"Server-Timing": ", ".join(f"{name};dur={sec * 1000:.1f}" for name, sec in hops)}
 
 
 def _series_body(request: SeriesRequest, sealed: Sealed, rows: Rows) -> dict[str, Any]:
