@@ -54,14 +54,52 @@ soak: setup  ## 10 minutes at 10,000 events/s through the ingest API with a work
 	$(BIN)/python -m benchmarks.soak --minutes $${MINUTES:-10} --rate $${RATE:-10000}; \
 	  status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
 
-# The query benchmark groups its rollups by `region`: the stack is started so.
+# `make bench` runs every benchmark of issue 13 against one local stack, each figure
+# next to its reference from the same run, and ends with a summary of the ratio and
+# target lines; the whole output is kept in .state/bench/. `make bench QUICK=1` runs
+# the same modules with smaller arguments (a few minutes in all). A module that is not
+# there (yet) is skipped with a note; one that fails does not stop the others, but
+# fails the target. The query benchmark groups its rollups by `region`: the stack is
+# started so.
+ifdef QUICK
+BENCH_PROC_EVENTS ?= 200000
+BENCH_RATE ?= 20000
+BENCH_SECONDS ?= 20
+BENCH_MEMORY_SECONDS ?= 90
+BENCH_INGEST_SECONDS ?= 4
+BENCH_QUERY_ARGS ?= --events 2000000 --requests 30 --reference-runs 3
+else
+BENCH_PROC_EVENTS ?= $(or $(EVENTS),1000000)
+BENCH_RATE ?= $(or $(RATE),50000)
+BENCH_SECONDS ?= 60
+BENCH_MEMORY_SECONDS ?= 600
+BENCH_INGEST_SECONDS ?= $(or $(INGEST_SECONDS),15)
+BENCH_QUERY_ARGS ?= --events $(or $(QUERY_EVENTS),100000000) --requests 100 --clients 4
+endif
+BENCH_LOG = .state/bench/bench-$(shell date -u +%Y%m%dT%H%M%SZ).log
+# One benchmark module: run it when present, note a failure and go on.
+define bench_module
+if test -f benchmarks/$(1).py; then \
+  echo "=== python -m benchmarks.$(1) $(2)"; \
+  $(BIN)/python -m benchmarks.$(1) $(2) || { echo "=== benchmarks.$(1) FAILED"; status=1; }; \
+else echo "=== benchmarks.$(1) is not in this checkout: skipped"; fi;
+endef
+
 bench: export RAYLINE_CLICKHOUSE__DIMENSIONS ?= ["region"]
-bench: setup  ## processing next to a bare Kafka consumer, latency and memory under load, ingest next to bare Starlette, query latency on 100 M events next to the engine alone (stack started and stopped)
+bench: setup  ## every figure of issue 13 next to its reference from the same run: processing (in-process and deployed) next to a bare consumer, worker RSS drift, ingest next to bare Starlette and a Serve hello-world, queries next to the engine alone and a hello-world (QUICK=1: a few minutes; stack started and stopped)
+	@mkdir -p .state/bench
 	$(BIN)/rayline up >/dev/null
-	$(BIN)/python -m benchmarks.processing --events $${EVENTS:-1000000} \
-	  && $(BIN)/python -m benchmarks.ingest --seconds $${INGEST_SECONDS:-15} \
-	  && $(BIN)/python -m benchmarks.query --events $${QUERY_EVENTS:-100000000}; \
-	  status=$$?; $(BIN)/rayline down >/dev/null; exit $$status
+	@log=$(BENCH_LOG); status=0; { \
+	  $(call bench_module,processing,--events $(BENCH_PROC_EVENTS) --rate $(BENCH_RATE) --seconds $(BENCH_SECONDS)) \
+	  $(call bench_module,pipeline,--events $(BENCH_PROC_EVENTS)) \
+	  $(call bench_module,pipeline,--seconds $(BENCH_MEMORY_SECONDS) --rate $(BENCH_RATE)) \
+	  $(call bench_module,ingest,--seconds $(BENCH_INGEST_SECONDS)) \
+	  $(call bench_module,query,$(BENCH_QUERY_ARGS)) \
+	  echo "=== status $$status"; \
+	} 2>&1 | tee $$log; \
+	echo; echo "summary ($$log):"; \
+	grep -aE "^===|ratio|reference|target|met$$|hello-world|RSS|drift" $$log | grep -v "^=== python"; \
+	$(BIN)/rayline down >/dev/null; grep -q "^=== status 0" $$log
 
 docs: setup  ## regenerate docs/configuration.md from the settings object
 	$(BIN)/rayline config --describe --markdown > docs/configuration.md.tmp

@@ -6,7 +6,14 @@ number (``rayline:qc:generation``), which the rollups bump whenever they write o
 rewrite an aggregate chunk (``adapters.rollups``), so a rewrite invalidates every
 cached answer at once without scanning keys. Answers also expire after a TTL.
 
-With Redis down the cache is bypassed: reads miss, writes are dropped, queries go to
+A lookup is one round trip: a small Lua script reads the generation and the answer
+under it together, and answers are stored as the JSON bytes the API sends, so a hit
+is handed back as it is, never decoded and encoded again. Lookups are keyed by the
+request's parameters as the caller sent them (a digest), so a hit needs no parsing
+either; only answers over sealed ranges are ever put, so a key that is found is one
+whose answer was final.
+
+With Redis down the cache is bypassed: lookups miss, puts are dropped, queries go to
 ClickHouse (slower, still right), and :attr:`QueryCache.healthy` says so. After a
 failure the cache waits a few seconds before it tries Redis again, so a dead Redis
 does not add a connect timeout to every request.
@@ -17,22 +24,31 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
 GENERATION_KEY = "rayline:qc:generation"
+KEY_PREFIX = "rayline:qc:"
 _RETRY_SECONDS = 5.0
+# KEYS[1]: the generation. ARGV: key prefix, digest. Returns {generation, answer or nil}.
+# (The answer's key is built here, from the generation just read: one round trip.)
+_LOOKUP = """
+local g = redis.call('GET', KEYS[1]) or '0'
+return {g, redis.call('GET', ARGV[1] .. g .. ':' .. ARGV[2])}
+"""
 
 
-def cache_key(generation: int, tenant: str, endpoint: str, params: dict[str, Any]) -> str:
-    """Key of one answer; ``params`` are the checked request parameters."""
-    body = orjson.dumps([tenant, endpoint, params], option=orjson.OPT_SORT_KEYS)
-    return f"rayline:qc:{generation}:{hashlib.sha256(body).hexdigest()}"
+def request_digest(tenant: str, endpoint: str, params: Mapping[str, str], scope: str = "") -> str:
+    """Digest of one request as sent: tenant, endpoint, its parameters (in any order) and
+    the ``scope`` of the settings that shape answers (database, dimensions, max points)."""
+    body = orjson.dumps([scope, tenant, endpoint, sorted(params.items())])
+    return hashlib.sha256(body).hexdigest()
 
 
 def bump_generation(url: str) -> None:
@@ -46,17 +62,30 @@ def bump_generation(url: str) -> None:
         client.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What a lookup found: the answer's bytes on a hit, and where to put one on a miss
+    (``key`` is None while the cache is off or bypassed)."""
+
+    key: str | None
+    answer: bytes | None = None
+
+
+BYPASSED = Lookup(None)
+
+
 class QueryCache:
-    """Get and put JSON answers; never raises for a Redis failure."""
+    """Looks up and puts JSON answers (asyncio); never raises for a Redis failure."""
 
     def __init__(
         self, url: str | None, ttl_seconds: float, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._client = (
-            redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
             if url and ttl_seconds > 0
             else None
         )
+        self._lookup = self._client.register_script(_LOOKUP) if self._client else None
         self._ttl = ttl_seconds
         self._clock = clock
         self._down_until = 0.0
@@ -71,53 +100,41 @@ class QueryCache:
     def healthy(self) -> bool:
         return self._client is not None and self.last_error is None
 
-    def _usable(self) -> redis.Redis | None:
-        if self._client is None or self._clock() < self._down_until:
-            return None
-        return self._client
+    def _usable(self) -> bool:
+        return self._client is not None and self._clock() >= self._down_until
 
     def _failed(self, exc: Exception) -> None:
         self.last_error = f"Redis unavailable, cache bypassed: {exc}"
         self._down_until = self._clock() + _RETRY_SECONDS
         log.warning("%s", self.last_error)
 
-    def key(self, tenant: str, endpoint: str, params: dict[str, Any]) -> str | None:
-        """The key for these parameters under the current generation; None when bypassed."""
-        client = self._usable()
-        if client is None:
-            return None
+    async def lookup(self, digest: str) -> Lookup:
+        """The answer stored for ``digest`` under the current generation, if any."""
+        if self._lookup is None or not self._usable():
+            return BYPASSED
         try:
-            generation = int(client.get(GENERATION_KEY) or 0)
-        except (redis.RedisError, OSError, ValueError) as exc:
-            self._failed(exc)
-            return None
-        self.last_error = None
-        return cache_key(generation, tenant, endpoint, params)
-
-    def get(self, key: str | None) -> Any | None:
-        client = self._usable()
-        if key is None or client is None:
-            return None
-        try:
-            raw = client.get(key)
+            found = await self._lookup(keys=[GENERATION_KEY], args=[KEY_PREFIX, digest])
+            generation, answer = found
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
-            return None
-        if raw is None:
+            return BYPASSED
+        self.last_error = None
+        key = f"{KEY_PREFIX}{generation.decode()}:{digest}"
+        if answer is None:
             self.misses += 1
-            return None
+            return Lookup(key)
         self.hits += 1
-        return orjson.loads(raw)
+        return Lookup(key, bytes(answer))
 
-    def put(self, key: str | None, answer: Any) -> None:
-        client = self._usable()
-        if key is None or client is None:
+    async def put(self, key: str | None, answer: bytes) -> None:
+        """Store ``answer`` (JSON bytes) under ``key`` from a lookup, for the TTL."""
+        if key is None or self._client is None or not self._usable():
             return
         try:
-            client.set(key, orjson.dumps(answer), ex=max(1, round(self._ttl)))
+            await self._client.set(key, answer, ex=max(1, round(self._ttl)))
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self._client is not None:
-            self._client.close()
+            await self._client.aclose()

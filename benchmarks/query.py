@@ -10,8 +10,11 @@ seeded into the same state folder. Then, with ``--clients`` concurrent clients:
   (every request misses the Redis cache) and warm (every request hits it);
 * a raw scan over one day (``POST /v1/query/sql``: count, distinct, p99 of one type).
 
-Each line also shows the reference measured in the same run: the same statement run
-directly on the ClickHouse owner actor, one at a time, without HTTP or Serve.
+Each line also shows the references measured in the same run: the same statements run
+directly on the ClickHouse owner actor, one at a time, without HTTP or Serve ("engine
+alone", with the API's statement settings), and a bare Serve hello-world driven by the
+same client ("hello-world"). The replica's own time, and per hop (cache lookup, slot,
+the engine through the owner actor), comes from each answer's ``Server-Timing``.
 
 Run by ``make bench`` on a running stack: ``python -m benchmarks.query --help``.
 """
@@ -23,13 +26,15 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import ray
 
 from actors.clickhouse_owner import OWNER_NAME
-from cluster.deploy import base_url, connected
+from benchmarks.serve_hello import hello_world
+from cluster.deploy import base_url, connected, query_config
 from cluster.settings import Settings, load_settings
 from core.query_plan import parse_series_request
 from core.query_plan import utc_datetime as _utc
@@ -66,14 +71,29 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _line(name: str, api: list[float], reference: list[float] | None = None) -> str:
+def _line(name: str, timed: Timed, reference: list[float] | None = None) -> str:
+    api = timed.total
     text = (
-        f"{name:<44} p50 {_pct(api, 0.5):7.1f} ms  p95 {_pct(api, 0.95):7.1f}  "
-        f"p99 {_pct(api, 0.99):7.1f}  (n={len(api)})"
+        f"{name:<40} p50 {_pct(api, 0.5):6.1f} ms  p95 {_pct(api, 0.95):6.1f}  "
+        f"p99 {_pct(api, 0.99):6.1f}  (n={len(api)})"
     )
+    if "query" in timed.hops:
+        text += f"  in replica p50 {statistics.median(timed.hops['query']):5.1f}"
+        parts = [f"{h} {statistics.median(v):.1f}" for h, v in timed.hops.items() if h != "query"]
+        text += f" ({', '.join(parts)})" if parts else ""
     if reference:
-        text += f"   | engine alone p50 {statistics.median(reference):6.1f} ms"
+        text += f"  | engine alone p50 {statistics.median(reference):5.1f} ms"
     return text
+
+
+@dataclass
+class Timed:
+    """Latencies of one measurement (ms): seen by the client, and inside the replica
+    (its ``Server-Timing`` header: from the service's start to its answer, and per hop)."""
+
+    total: list[float] = field(default_factory=list)
+    hops: dict[str, list[float]] = field(default_factory=dict)
+    """Per hop in the replica (``query``: all of it; ``cache``, ``slots``, ``engine``)."""
 
 
 class Bench:
@@ -82,6 +102,9 @@ class Bench:
         self.db = settings.clickhouse.database
         self.owner = ray.get_actor(OWNER_NAME, namespace=settings.ray.namespace)
         self.end = int(time.time() * 1000) // DAY_MS * DAY_MS  # today 00:00 UTC
+        # The engine-alone reference runs with the API's own statement settings
+        # (threads, time and memory limits), so the two differ only by the path.
+        self.statement_settings = query_config(settings).limits.statement_settings()
         self.start = self.end - args.days * DAY_MS
 
     def stored(self) -> int:
@@ -136,53 +159,91 @@ class Bench:
              "metric": "distinct", "from": str(self.start / 1000), "to": to_s}),
         ]  # fmt: skip
 
-    def reference(self, params: dict[str, str], sealed: Sealed) -> list[float]:
-        request = parse_series_request(
-            {"tenant": TENANTS[0], **params}, now_ms=self.end, max_points=1500
-        )
-        assert not isinstance(request, list), request
-        build = summary_statement if "top" in params else series_statement
-        statement = build(request, sealed, self.db)
+    def reference(self, requests: list[dict[str, str]], sealed: Sealed) -> list[float]:
+        """The statements of these requests (the cold pass's first ones) on the engine
+        alone: the same ranges, hence the same parts and rows read (ms each)."""
         times: list[float] = []
-        for _ in range(self.args.reference_runs):
+        for params in requests:
+            request = parse_series_request(
+                {"tenant": TENANTS[0], **params}, now_ms=self.end, max_points=1500
+            )
+            assert not isinstance(request, list), request
+            build = summary_statement if "top" in params else series_statement
+            statement = build(request, sealed, self.db)
+            times += self.engine_alone(statement.sql, statement.parameters, 1)
+        return times
+
+    def engine_alone(self, sql: str, parameters: dict[str, Any], runs: int) -> list[float]:
+        """``sql`` run ``runs`` times on the owner actor from this driver, one at a time (ms)."""
+        times: list[float] = []
+        for _ in range(runs):
             began = time.perf_counter()
-            ray.get(self.owner.run_query.remote(statement.sql, statement.parameters))
+            ray.get(self.owner.run_query.remote(sql, parameters, self.statement_settings))
             times.append((time.perf_counter() - began) * 1000)
         return times
 
 
+def _server_timing(answer: httpx.Response) -> dict[str, float]:
+    """The replica's own times (ms) by hop, from ``Server-Timing: query;dur=12.3, ...``."""
+    hops = {}
+    for entry in answer.headers.get("server-timing", "").split(","):
+        name, _, dur = entry.strip().partition(";dur=")
+        if dur:
+            hops[name] = float(dur)
+    return hops
+
+
 async def _drive(
     clients: int, requests: int, call: Callable[[int], Awaitable[httpx.Response]]
-) -> list[float]:
+) -> Timed:
     """``requests`` calls over ``clients`` concurrent workers; each call's latency (ms)."""
-    latencies: list[float] = []
+    timed = Timed()
     queue = iter(range(requests))
 
     async def worker() -> None:
         for i in queue:
             began = time.perf_counter()
             answer = await call(i)
-            latencies.append((time.perf_counter() - began) * 1000)
+            timed.total.append((time.perf_counter() - began) * 1000)
             if answer.status_code != 200:
                 raise RuntimeError(f"query answered {answer.status_code}: {answer.text[:300]}")
+            for hop, ms in _server_timing(answer).items():
+                timed.hops.setdefault(hop, []).append(ms)
 
     await asyncio.gather(*(worker() for _ in range(clients)))
-    return latencies
+    return timed
 
 
-async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed, clients: int) -> None:
+@dataclass
+class Outcome:
+    """One pass's figures that the targets are about (ms)."""
+
+    clients: int
+    hello_p50: float
+    cold_p99: dict[str, float] = field(default_factory=dict)
+    warm_p50: dict[str, float] = field(default_factory=dict)
+    scan_p99: float = 0.0
+
+
+async def _measure(
+    bench: Bench, keys: dict[str, str], sealed: Sealed, clients: int, hello_url: str
+) -> Outcome:
     args = bench.args
     url = f"{base_url(bench.settings)}/v1/query"
     headers = {"authorization": f"Bearer {keys[TENANTS[0]]}"}
     limits = httpx.Limits(max_connections=clients * 2)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as http:
+        hello = await _drive(clients, args.requests, lambda _i: http.get(hello_url))
+        print(_line("Serve hello-world (reference)", hello))
+        outcome = Outcome(clients, statistics.median(hello.total))
         names = [name for name, _p in bench.dashboard(0)]
         for index, name in enumerate(names):
             path = "/summary" if "summary" in name else "/series"
 
             def cold(i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
                 # A new range end every request: nothing is in the cache yet.
-                # (a 1,000-minute step per client count: passes do not share entries)
+                # (a 1,000-minute step per client count: passes do not share entries;
+                # the reference runs the statements of the first ones again)
                 return http.get(path, params=bench.dashboard(1 + i + 1000 * clients)[index][1])
 
             def warm(_i: int, index: int = index, path: str = path) -> Awaitable[httpx.Response]:
@@ -191,9 +252,15 @@ async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed, clients: 
             await warm(0)  # fill the cache for the warm run
             cold_ms = await _drive(clients, args.requests, cold)
             warm_ms = await _drive(clients, args.requests, warm)
-            reference = bench.reference(bench.dashboard(0)[index][1], sealed)
+            shifts = range(1 + 1000 * clients, 1 + 1000 * clients + args.reference_runs)
+            cold_requests = [bench.dashboard(shift)[index][1] for shift in shifts]
+            reference = bench.reference(cold_requests, sealed)
             print(_line(f"{name}, cold", cold_ms, reference))
-            print(_line(f"{name}, warm (cache)", warm_ms))
+            warm_p50 = statistics.median(warm_ms.total)
+            ratio = warm_p50 / outcome.hello_p50
+            print(f"{_line(f'{name}, warm (cache)', warm_ms)}  | {ratio:.2f}x hello-world")
+            outcome.cold_p99[name] = _pct(cold_ms.total, 0.99)
+            outcome.warm_p50[name] = warm_p50
         day = bench.end - 2 * DAY_MS
         scan = (
             "SELECT count(), uniq(entity), quantile(0.99)(value) FROM events "
@@ -206,14 +273,30 @@ async def _measure(bench: Bench, keys: dict[str, str], sealed: Sealed, clients: 
 
         raw_ms = await _drive(clients, max(10, args.requests // 10), raw)
         filtered = scan.replace("WHERE", f"WHERE tenant = '{TENANTS[0]}' AND")
-        reference = []
-        for _ in range(3):
-            began = time.perf_counter()
-            ray.get(
-                bench.owner.run_query.remote(filtered.replace("events", f"{bench.db}.events"), {})
-            )
-            reference.append((time.perf_counter() - began) * 1000)
+        reference = bench.engine_alone(filtered.replace("events", f"{bench.db}.events"), {}, 3)
         print(_line("raw scan of one day (count, uniq, p99)", raw_ms, reference))
+        outcome.scan_p99 = _pct(raw_ms.total, 0.99)
+    return outcome
+
+
+def _verdicts(outcomes: list[Outcome]) -> None:
+    """The issue's query targets, each next to what this run measured."""
+    print("\ntargets (issue 13, item 4):")
+    for o in outcomes:
+        limit = 100.0 if o.clients == 1 else 250.0
+        worst = max(o.cold_p99.values())
+        ratio = max(o.warm_p50.values()) / o.hello_p50
+        print(
+            f"  {o.clients} client(s): rollup cold p99 worst {worst:.0f} ms (target <= "
+            f"{limit:.0f}): {'met' if worst <= limit else 'NOT met'}"
+        )
+        print(
+            f"  {o.clients} client(s): cached p50 worst {ratio:.2f}x hello-world p50 "
+            f"{o.hello_p50:.1f} ms (target <= 2x): {'met' if ratio <= 2 else 'NOT met'}"
+        )
+        if o.clients > 1:
+            print(f"  {o.clients} client(s): raw day scan p99 {o.scan_p99:.0f} ms (target < 1000):"
+                  f" {'met' if o.scan_p99 < 1000 else 'NOT met'}")  # fmt: skip
 
 
 def main() -> None:
@@ -240,9 +323,12 @@ def main() -> None:
         status: dict[str, int] = ray.get(status_ref)["sealed"]
         sealed = Sealed(status["windows_1m"], status["rollup_1h"], status["rollup_1d"])
         keys = asyncio.run(bench.keys())
-        for clients in sorted({1, args.clients}):
-            print(f"\n{clients} concurrent client(s), {args.requests} requests per line")
-            asyncio.run(_measure(bench, keys, sealed, clients))
+        outcomes = []
+        with hello_world(settings) as hello_url:
+            for clients in sorted({1, args.clients}):
+                print(f"\n{clients} concurrent client(s), {args.requests} requests per line")
+                outcomes.append(asyncio.run(_measure(bench, keys, sealed, clients, hello_url)))
+        _verdicts(outcomes)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @dataclass(slots=True)
 class Answer:
-    """A status, a JSON body and headers, independent of the web framework."""
+    """A status, a JSON body and headers, independent of the web framework. ``body`` is
+    a JSON-able value, or ``bytes`` already encoded as JSON (sent as they are)."""
 
     status: int
     body: Any
@@ -59,8 +60,9 @@ class Answer:
 
 
 def respond(answer: Answer) -> Response:
+    body = answer.body
     return Response(
-        orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY),
+        body if isinstance(body, bytes) else orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY),
         status_code=answer.status,
         headers=answer.headers,
         media_type="application/json",

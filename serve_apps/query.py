@@ -79,16 +79,25 @@ class QueryConfig:
 
 
 class _OwnerReader:
-    """The Reader over the ClickHouse owner actor."""
+    """The Reader over the ClickHouse owner actor.
+
+    The actor's handle is looked up once and kept: ``ray.get_actor`` asks Ray's control
+    store (GCS) every time, a round trip on every request otherwise. A handle whose
+    actor went away is dropped, and the next call looks it up again (a restarted owner
+    has a new handle under the same name).
+    """
 
     def __init__(self, namespace: str, name: str) -> None:
         self._namespace, self._name = namespace, name
+        self._handle: Any = None
 
     def _owner(self) -> Any:
-        try:
-            return ray.get_actor(self._name, namespace=self._namespace)
-        except ValueError as exc:
-            raise StoreUnavailable(f"the ClickHouse owner actor is not running: {exc}") from exc
+        if self._handle is None:
+            try:
+                self._handle = ray.get_actor(self._name, namespace=self._namespace)
+            except ValueError as exc:
+                raise StoreUnavailable(f"the ClickHouse owner actor is not running: {exc}") from exc
+        return self._handle
 
     async def run_query(
         self, sql: str, parameters: dict[str, Any], settings: dict[str, Any] | None = None
@@ -100,6 +109,7 @@ class _OwnerReader:
             # the remote traceback, so the cause itself goes on.
             raise getattr(exc, "cause", exc) from None
         except RayError as exc:  # the actor is away
+            self._handle = None
             raise StoreUnavailable(str(exc).splitlines()[0]) from exc
         return rows
 
@@ -107,6 +117,7 @@ class _OwnerReader:
         try:
             status: dict[str, Any] = await self._owner().rollup_status.remote()
         except RayError as exc:
+            self._handle = None
             raise StoreUnavailable(str(exc).splitlines()[0]) from exc
         return dict(status["sealed"])
 
@@ -322,7 +333,7 @@ class QueryAPI:
     async def healthz(self) -> Response:
         """200 while ClickHouse answers; the cache may be bypassed (Redis down)."""
         try:
-            sealed = await self._service.sealed()
+            sealed = await self._service.sealed(fresh=True)
             clickhouse = "ok"
         except StoreUnavailable as exc:
             sealed, clickhouse = None, f"unavailable: {exc}"

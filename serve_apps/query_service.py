@@ -14,14 +14,19 @@ at once, shared by the replicas through Redis): a tenant over its slots gets 429
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+import orjson
+
 from adapters.exceptions import QueryLimitExceeded, QueryRejected, StoreUnavailable
-from adapters.query_cache import QueryCache
+from adapters.query_cache import BYPASSED, Lookup, request_digest
 from adapters.query_slots import Slot
 from core.envelope import FieldError
 from core.query_plan import MINUTE, RAW, SeriesRequest, encode_cursor, parse_series_request
@@ -38,6 +43,9 @@ from core.sql_guard import SqlRefused, check, guarded_settings
 from serve_apps.http import Answer
 
 Rows = tuple[list[str], list[tuple[Any, ...]]]
+log = logging.getLogger(__name__)
+_spent: contextvars.ContextVar[dict[str, float]] = contextvars.ContextVar("query_spent")
+"""Per request (each runs in a task of its own): seconds spent per hop, for Server-Timing."""
 T = TypeVar("T")
 NARROW = (
     "narrow it: a shorter time range (from/to), a coarser resolution (1h or 1d), fewer "
@@ -54,6 +62,19 @@ class Reader(Protocol):
     ) -> Awaitable[Rows]: ...
 
     def sealed(self) -> Awaitable[dict[str, int]]: ...
+
+
+class AnswerCache(Protocol):
+    """Cached answers (``adapters.query_cache.QueryCache``)."""
+
+    last_error: str | None
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def lookup(self, digest: str) -> Lookup: ...
+
+    async def put(self, key: str | None, answer: bytes) -> None: ...
 
 
 class Slots(Protocol):
@@ -163,7 +184,7 @@ class QueryService:
         self,
         reader: Reader,
         limits: QueryLimits,
-        cache: QueryCache | None = None,
+        cache: AnswerCache | None = None,
         clock: Callable[[], float] = time.time,
         slots: Slots | None = None,
     ) -> None:
@@ -173,23 +194,48 @@ class QueryService:
         self._clock = clock
         self._slots = slots
         self._sealed: tuple[float, Sealed] | None = None
+        self._sealed_refresh: asyncio.Task[None] | None = None
+        self._puts: set[asyncio.Task[None]] = set()
+        # What shapes an answer besides the request: part of every cache key.
+        self._scope = f"{limits.database}|{','.join(limits.dimensions)}|{limits.max_points}"
 
     @property
-    def cache(self) -> QueryCache | None:
+    def cache(self) -> AnswerCache | None:
         return self._cache
 
-    async def sealed(self) -> Sealed:
-        """Where the aggregate tables are final; reused for a second (an older value only
-        moves more of the range to the raw part, which is as right, just slower)."""
+    async def sealed(self, fresh: bool = False) -> Sealed:
+        """Where the aggregate tables are final.
+
+        Read once (or whenever ``fresh``), then refreshed in the background at most
+        once a second while requests come: a request does not wait for the owner
+        actor's answer after the first. An older value only moves more of the range to
+        the raw part and caches less, which is as right, just slower.
+
+        Raises:
+            StoreUnavailable: the owner did not answer a read this call waited for.
+        """
         now = time.monotonic()
-        if self._sealed is not None and now - self._sealed[0] < 1.0:
-            return self._sealed[1]
+        if self._sealed is None or fresh:
+            return await self._read_sealed(now)
+        if now - self._sealed[0] >= 1.0 and self._sealed_refresh is None:
+            self._sealed_refresh = asyncio.create_task(self._refresh_sealed(now))
+        return self._sealed[1]
+
+    async def _read_sealed(self, now: float) -> Sealed:
         points = await self._reader.sealed()
         value = Sealed(
             points.get("windows_1m", 0), points.get("rollup_1h", 0), points.get("rollup_1d", 0)
         )
         self._sealed = (now, value)
         return value
+
+    async def _refresh_sealed(self, now: float) -> None:
+        try:
+            await self._read_sealed(now)
+        except StoreUnavailable as exc:  # the last value stays; the next request retries
+            log.warning("sealed points not refreshed: %s", exc)
+        finally:
+            self._sealed_refresh = None
 
     def _request(self, tenant: str, params: Mapping[str, str]) -> SeriesRequest | Answer:
         given = dict(params)
@@ -227,11 +273,13 @@ class QueryService:
         ClickHouse until it ends or its time limit stops it, and the slot's lease (the
         time limit and a margin) frees it then.
         """
-        slot = await self._slots.take(tenant) if self._slots is not None else None
+        with _timed("slots"):
+            slot = await self._slots.take(tenant) if self._slots is not None else None
         if slot is not None and not slot.verdict.granted:
             return too_many_running(tenant, slot.verdict)
         try:
-            return await read()
+            with _timed("engine"):
+                return await read()
         except asyncio.CancelledError:
             slot = None
             raise
@@ -255,30 +303,55 @@ class QueryService:
         limited = {**self._limits.statement_settings(), **(settings or {})}
         return await self.guarded(tenant, lambda: self._reader.run_query(sql, params, limited))
 
-    async def _cached(
+    async def cached(self, tenant: str, endpoint: str, params: Mapping[str, str]) -> Lookup:
+        """Look ``endpoint``'s answer to these parameters up in the cache, before any
+        parsing: a hit is the whole answer (one Redis round trip, bytes as sent)."""
+        if self._cache is None or "to" not in params:  # no end: reaches now, never sealed
+            return BYPASSED
+        return await self._cache.lookup(request_digest(tenant, endpoint, params, self._scope))
+
+    async def _answer(
         self,
-        endpoint: str,
+        lookup: Lookup,
         request: SeriesRequest,
         sealed: Sealed,
         compute: Callable[[], Awaitable[Answer]],
     ) -> Answer:
-        started = time.perf_counter()
-        key = None
-        cacheable = request.bucket_bounds()[1] <= sealed.minute
-        if self._cache is not None and cacheable:
-            key = await asyncio.to_thread(
-                self._cache.key, request.tenant, endpoint, asdict(request)
-            )
-            hit = await asyncio.to_thread(self._cache.get, key)
-            if hit is not None:
-                return Answer(200, hit, {"X-Cache": "hit", **_took(started)})
+        """The computed answer; put in the cache (in the background) when final."""
         answer = await compute()
-        if answer.status == 200 and key is not None and self._cache is not None:
-            await asyncio.to_thread(self._cache.put, key, answer.body)
-        answer.headers.update({"X-Cache": "miss" if key else "bypass", **_took(started)})
+        cacheable = request.bucket_bounds()[1] <= sealed.minute
+        stored = cacheable and lookup.key is not None and self._cache is not None
+        if answer.status == 200 and stored and self._cache is not None:
+            answer.body = orjson.dumps(answer.body, option=orjson.OPT_SERIALIZE_NUMPY)
+            put = asyncio.create_task(self._cache.put(lookup.key, answer.body))
+            self._puts.add(put)  # held until done: the loop keeps only weak references
+            put.add_done_callback(self._puts.discard)
+        answer.headers["X-Cache"] = "miss" if stored else "bypass"
+        return answer
+
+    async def _through_cache(
+        self,
+        tenant: str,
+        endpoint: str,
+        params: Mapping[str, str],
+        uncached: Callable[[str, Mapping[str, str], Lookup], Awaitable[Answer]],
+    ) -> Answer:
+        """The cached answer when there is one, else ``uncached``'s; timed either way."""
+        started = time.perf_counter()
+        _spent.set({})
+        with _timed("cache"):
+            lookup = await self.cached(tenant, endpoint, params)
+        if lookup.answer is not None:
+            return Answer(200, lookup.answer, {"X-Cache": "hit", **_took(started)})
+        answer = await uncached(tenant, params, lookup)
+        answer.headers.update(_took(started))
         return answer
 
     async def series(self, tenant: str, params: Mapping[str, str]) -> Answer:
+        """A metric's time series (``GET /series``)."""
+        return await self._through_cache(tenant, "series", params, self._series)
+
+    async def _series(self, tenant: str, params: Mapping[str, str], lookup: Lookup) -> Answer:
         request = self._request(tenant, params)
         if isinstance(request, Answer):
             return request
@@ -293,9 +366,13 @@ class QueryService:
                 return rows
             return Answer(200, _series_body(request, sealed, rows))
 
-        return await self._cached("series", request, sealed, compute)
+        return await self._answer(lookup, request, sealed, compute)
 
     async def summary(self, tenant: str, params: Mapping[str, str]) -> Answer:
+        """Every metric over a range, per group (``GET /summary`` and ``/top``)."""
+        return await self._through_cache(tenant, "summary", params, self._summary)
+
+    async def _summary(self, tenant: str, params: Mapping[str, str], lookup: Lookup) -> Answer:
         if params.get("resolution") == RAW:
             wrong = FieldError(None, "resolution", "a summary reads aggregates: 1m, 1h or 1d")
             return Answer.error(422, "invalid query parameters", [wrong])
@@ -316,7 +393,7 @@ class QueryService:
                 return rows
             return Answer(200, _summary_body(request, rows))
 
-        return await self._cached("summary", request, sealed, compute)
+        return await self._answer(lookup, request, sealed, compute)
 
     async def events(
         self, tenant: str, params: Mapping[str, str], request: SeriesRequest | None = None
@@ -386,8 +463,23 @@ class QueryService:
         return Answer(200, {"columns": columns, "rows": [_json_value(list(r)) for r in found]})
 
 
+@contextmanager
+def _timed(hop: str) -> Iterator[None]:
+    """Add the time the block takes to this request's ``hop`` (see ``_took``)."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        spent = _spent.get(None)
+        if spent is not None:
+            spent[hop] = spent.get(hop, 0.0) + time.perf_counter() - began
+
+
 def _took(started: float) -> dict[str, str]:
-    return {"Server-Timing": f"query;dur={(time.perf_counter() - started) * 1000:.1f}"}
+    """``Server-Timing``: the request's time in the replica (``query``), then per hop
+    (cache lookup, slot, the engine through the owner actor) where it took any."""
+    hops = [("query", time.perf_counter() - started), *(_spent.get(None) or {}).items()]
+    return {"Server-Timing": ", ".join(f"{name};dur={sec * 1000:.1f}" for name, sec in hops)}
 
 
 def _series_body(request: SeriesRequest, sealed: Sealed, rows: Rows) -> dict[str, Any]:

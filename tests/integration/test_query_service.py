@@ -12,10 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from adapters.clickhouse import ClickHouseStore
-from adapters.query_cache import QueryCache
+from adapters.query_cache import QueryCache, bump_generation
+from cluster.settings import Settings
 from core.sql_guard import guarded_settings
 from serve_apps.http import Answer
 from serve_apps.query_service import QueryLimits, QueryService, Rows
@@ -247,3 +249,31 @@ def test_with_redis_down_answers_come_from_clickhouse_and_say_so(data: Data) -> 
     assert answer.headers["X-Cache"] == "bypass"
     assert not cache.healthy
     assert "cache bypassed" in (cache.last_error or "")
+
+
+def test_a_sealed_answer_comes_back_from_redis_as_sent_until_the_rollups_move(
+    data: Data, services: Settings
+) -> None:
+    url = services.redis.url()
+    assert url is not None
+    cache = QueryCache(url, ttl_seconds=60)
+    query = service(data, cache)
+    # A filter value of its own, so that no earlier run left this answer in Redis.
+    params = {"type": "click", "resolution": "1h", "group_by": "region", **span(data, 20)}
+    params["where.region"] = f"nowhere-{uuid.uuid4().hex[:8]}"
+
+    async def run() -> list[Answer]:
+        first = await query.series("a", params)
+        await asyncio.sleep(0.2)  # the put runs in the background
+        second = await query.series("a", dict(reversed(list(params.items()))))
+        bump_generation(url)  # what the rollups do after writing a chunk
+        third = await query.series("a", params)
+        await cache.close()
+        return [first, second, third]
+
+    first, second, third = asyncio.run(run())
+    assert [a.headers["X-Cache"] for a in (first, second, third)] == ["miss", "hit", "miss"]
+    assert isinstance(second.body, bytes)
+    assert second.body == first.body
+    assert orjson.loads(second.body)["tenant"] == "a"
+    assert cache.healthy
