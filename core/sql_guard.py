@@ -195,6 +195,10 @@ def _check_tree(root: exp.Expression, database: str) -> None:
                 )
         if isinstance(node, exp.Select) and not node.expressions:
             raise SqlRefused("the SELECT names no column: write SELECT <columns> FROM <table>")
+        if isinstance(node, exp.From) or (
+            isinstance(node, exp.Join) and str(node.args.get("kind") or "").upper() != "ARRAY"
+        ):  # an ARRAY JOIN unfolds an expression, whose nodes are checked as any other
+            _check_source(node.this)
         if isinstance(node, exp.Table):
             _check_table(node, database, ctes)
         elif isinstance(node, exp.Placeholder | exp.Parameter | exp.SessionParameter):
@@ -208,6 +212,18 @@ def _check_tree(root: exp.Expression, database: str) -> None:
             )
         elif isinstance(node, exp.Func):
             _check_function(node)
+
+
+def _check_source(source: exp.Expression | None) -> None:
+    """What a FROM or JOIN reads must be a table or a subquery (checked as nodes of their
+    own); anything else the parser put there (``FROM IN {x:String}`` parses as a map) is
+    refused, so the regenerated text can never name a table function."""
+    if isinstance(source, exp.Table | exp.Subquery):
+        return
+    shown = source.sql(dialect=DIALECT, comments=False) if source is not None else "nothing"
+    raise SqlRefused(
+        f"{shown} is read like a table but is none: read one of Rayline's tables ({_SHOWN})"
+    )
 
 
 def _check_table(table: exp.Table, database: str, ctes: set[str]) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from adapters.query_cache import KEY_PREFIX, Lookup, request_digest
 from core.query_sql import METRIC_SQL
+from core.sketch_states import QUANTILE_NAMES
 from serve_apps import query_service
 from serve_apps.http import Answer
 from serve_apps.query_service import QueryLimits, QueryService, Rows
@@ -21,6 +22,8 @@ from serve_apps.query_service import QueryLimits, QueryService, Rows
 NOW_S = 1_795_000_020.0  # on a minute
 SEALED_MS = int(NOW_S - 3600) * 1000  # the aggregates are final up to an hour ago
 LIMITS = QueryLimits(database="rl", dimensions=("region",))
+# One group's metrics in their stored forms: numbers, and a quantile as (sign, bucket).
+SUMMARY_ROW = tuple((1, 3) if m in QUANTILE_NAMES else i for i, m in enumerate(METRIC_SQL))
 BEFORE = {"type": "click", "resolution": "1m", "from": str(NOW_S - 7200), "to": str(NOW_S - 3600)}
 
 
@@ -38,7 +41,7 @@ class CountingReader:
         self.statements += 1
         if " AS t," in sql:  # a series: one bucket
             return ["t", "value"], [(SEALED_MS - 60_000, 7)]
-        return list(METRIC_SQL), [tuple(range(len(METRIC_SQL)))]  # a summary: one group
+        return list(METRIC_SQL), [SUMMARY_ROW]  # a summary: one group
 
     async def sealed(self) -> dict[str, int]:
         self.sealed_reads += 1
