@@ -203,6 +203,12 @@ class QueryService:
     def cache(self) -> AnswerCache | None:
         return self._cache
 
+    async def drain(self) -> None:
+        """Wait for the cache puts running in the background (before the cache is
+        closed: a put that meets a closed connection is lost and marks Redis down)."""
+        if self._puts:
+            await asyncio.wait(set(self._puts), timeout=5)
+
     async def sealed(self, fresh: bool = False) -> Sealed:
         """Where the aggregate tables are final.
 

@@ -38,10 +38,15 @@ def post(http: httpx.Client, events: list[dict[str, Any]]) -> None:
     assert answer.status_code == 202, answer.text
 
 
-def early_in_a_minute(spare: float = 25) -> float:
-    """Now, once at least ``spare`` seconds are left in the current minute."""
-    if 60 - time.time() % 60 < spare:
-        time.sleep(60 - time.time() % 60 + 0.1)
+def early_in_a_minute(spare: float = 25, behind: float = 1) -> float:
+    """Now, once at least ``spare`` seconds are left in the current minute and at least
+    ``behind`` seconds of it have passed (events stamped up to ``behind`` seconds before
+    now still fall in it)."""
+    into = time.time() % 60
+    if 60 - into < spare:
+        time.sleep(60 - into + behind)
+    elif into < behind:
+        time.sleep(behind - into)
     return time.time()
 
 

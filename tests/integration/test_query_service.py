@@ -268,6 +268,7 @@ def test_a_sealed_answer_comes_back_from_redis_as_sent_until_the_rollups_move(
         second = await query.series("a", dict(reversed(list(params.items()))))
         bump_generation(url)  # what the rollups do after writing a chunk
         third = await query.series("a", params)
+        await query.drain()
         await cache.close()
         return [first, second, third]
 
