@@ -14,6 +14,12 @@ decode, dedup and fold the records, then follows *snapshot before effect*:
 4. write the open windows of the partitions touched to Redis (live tiles; best
    effort: with Redis down the pipeline goes on and reports it).
 
+A checkpoint covers the batches folded since the last one (every batch, or at most
+``checkpoint_interval_ms`` of them, their effects held back meanwhile). Steps 2-4 of
+one checkpoint run on an effects thread while the loop reads and folds the next
+batches; the next snapshot is saved only once they are done, so a snapshot's outbox
+never lacks an earlier checkpoint's effects and a crash replays at most one.
+
 Between batches the worker keeps its runtime inputs current: the CEP rules and the
 registered schemas (reloaded from PostgreSQL when they change), and the enrichment
 dimension tables (checked for changes once per TTL).
@@ -34,6 +40,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -247,6 +254,25 @@ class HeldBatches:
         return table.filter(pc.is_in(table["partition"], pa.array(sorted(partitions), pa.uint16())))
 
 
+@dataclass
+class _Writing:
+    """A checkpoint whose snapshot is saved and whose effects are being written (on the
+    effects thread) while the loop folds the next batches.
+
+    What it carries was taken when its snapshot was saved: the offsets to commit and
+    each partition's lowest watermark then (every event below it is in these effects or
+    written before), both applied once the sinks acknowledged; and the windows it
+    closed, still listed live until then.
+    """
+
+    future: Future[tuple[int, int]]
+    held: HeldBatches
+    partitions: list[int]  # those whose snapshot was saved
+    offsets: dict[int, int]
+    marks: dict[int, int]
+    windows: list[WindowResult]
+
+
 CRASH_POINTS = ("before_sink", "after_sink", "during_snapshot")
 CHECKPOINT_REPORTS_KEPT = 20
 
@@ -269,6 +295,7 @@ class PartitionWorker:
         self._states: dict[int, PartitionState] = {}
         self._pending: list[WindowResult] = []  # closed, not yet acknowledged by the sink
         self._held = HeldBatches()
+        self._writing: _Writing | None = None
         self._sealed: dict[int, int] = {}  # partition -> watermark with all events below written
         self._runtime = Runtime()
         self._inputs: RuntimeInputs | None = None
@@ -339,6 +366,8 @@ class PartitionWorker:
         with self._lock:
             candidates = [r for st in self._states.values() for r in st.open_windows()]
             candidates += self._pending
+            if self._writing is not None:
+                candidates += self._writing.windows
         return [
             r
             for r in candidates
@@ -407,6 +436,9 @@ class PartitionWorker:
         inputs = RuntimeInputs(cfg, MetadataStore(cfg.checkpoint_dsn))
         tiles = LiveTiles(cfg.redis_url, cfg.topic) if cfg.redis_url else None
         probe: threading.Thread | None = None
+        # One checkpoint's effects are written on this thread while the next batches
+        # are read and folded; the next snapshot waits for them (see _flush).
+        effects = ThreadPoolExecutor(1, thread_name_prefix="effects")
         try:
             self._inputs = inputs
             self._held = HeldBatches()  # effects of a failed run's batches: replayed instead
@@ -430,16 +462,20 @@ class PartitionWorker:
                 messages = consumer.consume(size, cfg.batch_max_ms / 1000)
                 self._refresh_inputs(inputs)  # a batch sees inputs at most one TTL old
                 self._step(messages)
+                self._settle(consumer, tiles, wait=False)
                 # while a poison record is hunted, every batch is checkpointed on its own
                 hunting = self._poison.limit is not None
                 interval = 0 if hunting else cfg.checkpoint_interval_ms
                 if self._held.due(time.monotonic(), interval, caught_up=not messages):
-                    self._flush(consumer, store, producer, tiles)
-                elif not self._held.batches:
+                    self._flush(consumer, store, producer, tiles, effects)
+                elif not self._held.batches and self._writing is None:
                     self._note_sealed()
             if self._held.batches and self._states:  # stopped: the held batches count
-                self._flush(consumer, store, producer, tiles)
+                self._flush(consumer, store, producer, tiles, effects)
+            self._settle(consumer, tiles, wait=True)
         finally:
+            # Effects in flight finish (a sink that stays down gives up once stopping).
+            effects.shutdown(wait=True)
             if probe is not None:
                 probe_stop.set()
                 probe.join(5)
@@ -499,33 +535,79 @@ class PartitionWorker:
         self._poison.succeeded(self._config.batch_max_records)
 
     def _flush(
-        self, consumer: Any, store: CheckpointStore, producer: Producer, tiles: LiveTiles | None
+        self,
+        consumer: Any,
+        store: CheckpointStore,
+        producer: Producer,
+        tiles: LiveTiles | None,
+        effects: ThreadPoolExecutor,
     ) -> None:
-        """Checkpoint the held batches: snapshot (with their outbox), effects, offsets,
-        live tiles; then they count in the stats."""
+        """Checkpoint the held batches: save their snapshot (with their outbox), then
+        write their effects on the effects thread; offsets, stats, sealed marks and live
+        tiles follow once the sinks acknowledged (:meth:`_settle`).
+
+        The previous checkpoint's effects are settled first: a snapshot's outbox holds
+        only its own batches' effects, so it is saved only once the earlier ones are
+        written, and a crash replays at most the one checkpoint in flight.
+        """
+        self._settle(consumer, tiles, wait=True)
         held = self._held
         saved = self._checkpoint(store, held.boxes)
-        self._maybe_crash("before_sink")
-        written, events_written = self._apply(saved, producer, held.events_of(set(saved)))
-        self._maybe_crash("after_sink")
-        self._commit(consumer, sorted(held.consumed & set(saved)))
+        events = held.events_of(set(saved))
         with self._lock:
+            marks = {
+                p: low for p, st in self._states.items() if (low := st.watermark.low()) is not None
+            }
+            offsets = {
+                p: self._states[p].next_offset
+                for p in held.consumed & set(saved)
+                if p in self._states
+            }
+            windows, self._pending = self._pending, []
             self._held = HeldBatches()
-            self._pending.clear()
+            future = effects.submit(self._effects, saved, producer, events)
+            self._writing = _Writing(future, held, sorted(saved), offsets, marks, windows)
+
+    def _effects(
+        self, saved: dict[int, Outbox], producer: Producer, events: pa.Table | None
+    ) -> tuple[int, int]:
+        """The effects thread: write one saved checkpoint's effects."""
+        self._maybe_crash("before_sink")
+        written = self._apply(saved, producer, events)
+        self._maybe_crash("after_sink")
+        return written
+
+    def _settle(self, consumer: Any, tiles: LiveTiles | None, wait: bool) -> None:
+        """Once the checkpoint in flight is written (``wait``: wait for it): commit its
+        offsets, count its batches, seal below its marks, and write the live tiles.
+
+        Raises:
+            Whatever writing its effects raised: the loop then starts over from the
+            snapshot, whose outbox writes them again.
+        """
+        writing = self._writing
+        if writing is None or not (wait or writing.future.done()):
+            return
+        written, events_written = writing.future.result()
+        self._commit(consumer, writing.offsets)
+        with self._lock:
+            self._writing = None
             s = self._stats
-            s.batches += held.batches
+            s.batches += writing.held.batches
             s.last_batch_at = self._clock()
             s.windows_written += written
             s.events_written += events_written
-            for outcome in held.outcomes:
+            for outcome in writing.held.outcomes:
                 s.processed += outcome.processed
                 s.duplicates += outcome.duplicates
                 s.late += len(outcome.late)
                 s.rejected += len(outcome.rejected)
                 s.filtered += outcome.filtered
                 s.alerts += len(outcome.alerts)
-        self._note_sealed()
-        self._write_tiles(tiles, sorted(saved))
+            for p, mark in writing.marks.items():
+                if p in self._states:
+                    self._sealed[p] = max(mark, self._sealed.get(p, mark))
+        self._write_tiles(tiles, writing.partitions)
 
     def _process(
         self, records: dict[int, list[RecordRef]]
@@ -676,10 +758,10 @@ class PartitionWorker:
                     raise
                 delay = min(delay * 2, 5.0)
 
-    def _commit(self, consumer: Any, partitions: list[int]) -> None:
+    def _commit(self, consumer: Any, next_offsets: dict[int, int]) -> None:
         offsets = [
-            TopicPartition(self._config.topic, p, self._states[p].next_offset)
-            for p in partitions
+            TopicPartition(self._config.topic, p, offset)
+            for p, offset in sorted(next_offsets.items())
             if p in self._states
         ]
         if not offsets:
@@ -707,6 +789,7 @@ class PartitionWorker:
         states: dict[int, PartitionState] = {}
         with self._lock:
             self._pending.clear()
+            self._writing = None  # its snapshot's outbox is written again below
         current_id = topic_id(cfg.bootstrap, cfg.topic)
         for partition in self._assignment.partitions:
             saved = self._retry(partial(store.load, cfg.topic, partition))
