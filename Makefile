@@ -66,6 +66,7 @@ BENCH_PROC_EVENTS ?= 200000
 BENCH_RATE ?= 20000
 BENCH_SECONDS ?= 20
 BENCH_MEMORY_SECONDS ?= 90
+BENCH_MEMORY_RATE ?= 20000
 BENCH_INGEST_SECONDS ?= 4
 BENCH_QUERY_ARGS ?= --events 2000000 --requests 30 --reference-runs 3
 else
@@ -73,15 +74,17 @@ BENCH_PROC_EVENTS ?= $(or $(EVENTS),1000000)
 BENCH_RATE ?= $(or $(RATE),50000)
 BENCH_SECONDS ?= 60
 BENCH_MEMORY_SECONDS ?= 600
+BENCH_MEMORY_RATE ?= $(or $(MEMORY_RATE),30000)
 BENCH_INGEST_SECONDS ?= $(or $(INGEST_SECONDS),15)
 BENCH_QUERY_ARGS ?= --events $(or $(QUERY_EVENTS),100000000) --requests 100 --clients 4
 endif
 BENCH_LOG = .state/bench/bench-$(shell date -u +%Y%m%dT%H%M%SZ).log
-# One benchmark module: run it when present, note a failure and go on.
+# One benchmark module: run it when present, note a failure and go on ($(3): settings
+# in the environment for this module only).
 define bench_module
 if test -f benchmarks/$(1).py; then \
-  echo "=== python -m benchmarks.$(1) $(2)"; \
-  $(BIN)/python -m benchmarks.$(1) $(2) || { echo "=== benchmarks.$(1) FAILED"; status=1; }; \
+  echo "=== $(3) python -m benchmarks.$(1) $(2)"; \
+  env $(3) $(BIN)/python -m benchmarks.$(1) $(2) || { echo "=== benchmarks.$(1) FAILED"; status=1; }; \
 else echo "=== benchmarks.$(1) is not in this checkout: skipped"; fi;
 endef
 
@@ -92,13 +95,13 @@ bench: setup  ## every figure of issue 13 next to its reference from the same ru
 	@log=$(BENCH_LOG); status=0; { \
 	  $(call bench_module,processing,--events $(BENCH_PROC_EVENTS) --rate $(BENCH_RATE) --seconds $(BENCH_SECONDS)) \
 	  $(call bench_module,pipeline,--events $(BENCH_PROC_EVENTS)) \
-	  $(call bench_module,pipeline,--seconds $(BENCH_MEMORY_SECONDS) --rate $(BENCH_RATE)) \
+	  $(call bench_module,pipeline,--seconds $(BENCH_MEMORY_SECONDS) --rate $(BENCH_MEMORY_RATE),RAYLINE_PIPELINE__DEDUP_HORIZON_SECONDS=60) \
 	  $(call bench_module,ingest,--seconds $(BENCH_INGEST_SECONDS)) \
 	  $(call bench_module,query,$(BENCH_QUERY_ARGS)) \
 	  echo "=== status $$status"; \
 	} 2>&1 | tee $$log; \
 	echo; echo "summary ($$log):"; \
-	grep -aE "^===|ratio|reference|target|met$$|hello-world|RSS|drift" $$log | grep -v "^=== python"; \
+	grep -aE "^===|ratio|reference|target|met$$|hello-world|RSS|drift|within" $$log | grep -av "^=== .*python -m"; \
 	$(BIN)/rayline down >/dev/null; grep -q "^=== status 0" $$log
 
 docs: setup  ## regenerate docs/configuration.md from the settings object

@@ -102,7 +102,7 @@ class WorkerConfig:
     batch_max_ms: int
     processing: ProcessingConfig
     checkpoint_dsn: str
-    checkpoint_interval_ms: int = 0
+    checkpoint_interval_ms: int = 1_000
     """Longest time batches are folded before their snapshot and effects (0: every batch)."""
     alerts_topic: str = "alerts"
     redis_url: str | None = None

@@ -443,7 +443,7 @@ class PipelineSettings(_Part):
     batch_max_records: int = Field(20_000, ge=1, description="Most records in one micro-batch.")
     batch_max_ms: int = Field(200, ge=1, description="Longest wait to fill one micro-batch (ms).")
     checkpoint_interval_ms: int = Field(
-        0,
+        1_000,
         ge=0,
         description="Longest time (ms) a worker folds batches before it saves their snapshot "
         "and writes their effects (raw events, closed windows, dead letters, alerts, offsets, "
