@@ -52,13 +52,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import OFFSET_INVALID, KafkaError, KafkaException, Producer, TopicPartition
 
-from actors.runtime_inputs import RuntimeInputs
 from adapters.exceptions import StoreUnavailable
 from adapters.kafka import Headers, make_consumer, topic_id
 from adapters.postgres import CheckpointStore, MetadataStore
 from adapters.redis import LiveTiles
+from adapters.runtime_inputs import RuntimeInputs
 from core.assignment import Assignment
-from core.batch import Runtime, process_batch
+from core.batch import Runtime, flat_offsets, process_batch, raw_event_rows
 from core.checkpoint_policy import Action, Decision, OffsetCheck, decide
 from core.columnar import Layout, decode_record, table_from_events
 from core.dead_letters import LATE
@@ -992,39 +992,6 @@ def counted_offsets(
     """Per partition, the offsets of the records that counted."""
     if counted is None or not counted.num_rows:
         return {}
-    offsets = _flat_offsets(records)[counted["_row"].to_numpy()]
+    offsets = flat_offsets(records)[counted["_row"].to_numpy()]
     parts = counted["_partition"].to_numpy()
     return {int(p): set(offsets[parts == p].tolist()) for p in np.unique(parts).tolist()}
-
-
-def _flat_offsets(records: dict[int, list[RecordRef]]) -> np.ndarray:
-    """The offsets of the batch's records in the order ``_row`` numbers them."""
-    flat = [r.offset for batch in records.values() for r in batch]
-    return np.fromiter(flat, np.int64, len(flat))
-
-
-def raw_event_rows(
-    counted: pa.Table | None, records: dict[int, list[RecordRef]], partitions: set[int]
-) -> pa.Table | None:
-    """The rows for the raw-event table: envelope columns, origin and the JSON payload."""
-    if counted is None or not counted.num_rows:
-        return None
-    keep = pc.is_in(counted["_partition"], pa.array(sorted(partitions), pa.int64()))
-    counted = counted.filter(keep)
-    rows = counted["_row"]
-    # one Arrow array of the whole batch, then a take: no Python call per row
-    payloads = pa.array([r.value for batch in records.values() for r in batch], pa.binary())
-    return pa.table(
-        {
-            "tenant": counted["tenant"],
-            "type": counted["type"],
-            "ts": pc.cast(counted["ts"], pa.timestamp("ms", "UTC")),
-            "source": pc.fill_null(counted["source"], ""),
-            "event_id": counted["event_id"],
-            "entity": pc.fill_null(counted["entity"], ""),
-            "value": counted["value"],
-            "partition": pc.cast(counted["_partition"], pa.uint16()),
-            "offset": pa.array(_flat_offsets(records), pa.uint64()).take(rows),
-            "payload": payloads.take(rows),
-        }
-    )

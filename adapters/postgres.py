@@ -322,6 +322,17 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        6,
+        # Rows of an upload behind the stream's watermark, counted by the history job
+        # (data_jobs/history.py) instead of the stream: staged, written, and those
+        # ClickHouse held already.
+        """
+        ALTER TABLE uploads ADD COLUMN IF NOT EXISTS rows_historical bigint NOT NULL DEFAULT 0;
+        ALTER TABLE uploads ADD COLUMN IF NOT EXISTS history_written bigint NOT NULL DEFAULT 0;
+        ALTER TABLE uploads ADD COLUMN IF NOT EXISTS history_stored bigint NOT NULL DEFAULT 0;
+        """,
+    ),
 )
 
 

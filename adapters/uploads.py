@@ -30,6 +30,9 @@ class Upload:
     rows_accepted: int = 0
     rows_rejected: int = 0
     error: str | None = None
+    rows_historical: int = 0  # of rows_accepted: staged for the history job
+    history_written: int = 0  # of those: written by the history job
+    history_stored: int = 0  # of those: stored already (a re-upload), not written again
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,16 +77,30 @@ class UploadTable(AsyncStore):
         )
         return None if row is None else _upload(row)
 
-    async def progress(self, upload_id: str, read: int, accepted: int, rejected: int) -> None:
+    async def progress(
+        self, upload_id: str, read: int, accepted: int, rejected: int, historical: int = 0
+    ) -> None:
         """Set the counters (absolute values: a retried write does not count twice)."""
         await self._run(
             "execute",
             "UPDATE uploads SET rows_read = $2, rows_accepted = $3, rows_rejected = $4, "
-            "updated_at = now() WHERE id = $1",
+            "rows_historical = $5, updated_at = now() WHERE id = $1",
             upload_id,
             read,
             accepted,
             rejected,
+            historical,
+        )
+
+    async def history_done(self, upload_id: str, written: int, stored: int) -> None:
+        """Record what the history job wrote (absolute values, as ``progress``)."""
+        await self._run(
+            "execute",
+            "UPDATE uploads SET history_written = $2, history_stored = $3, updated_at = now() "
+            "WHERE id = $1",
+            upload_id,
+            written,
+            stored,
         )
 
     async def finish(self, upload_id: str, error: str | None = None) -> None:

@@ -44,13 +44,13 @@ import orjson
 import pyarrow as pa
 from confluent_kafka import Producer, TopicPartition
 
-from actors.partition_worker import Outbox, counted_offsets, raw_event_rows
+from actors.partition_worker import Outbox, counted_offsets
 from adapters.clickhouse import ClickHouseStore
 from adapters.kafka import TopicSpec, ensure_topics, make_consumer
 from adapters.postgres import CheckpointStore, MetadataStore
 from cluster.deploy import processing_config
 from cluster.settings import load_settings
-from core.batch import Runtime, process_batch
+from core.batch import Runtime, process_batch, raw_event_rows
 from core.partition_state import PartitionState, RecordRef
 from core.transforms import parse_enrichment
 

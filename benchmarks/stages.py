@@ -14,11 +14,11 @@ from collections import defaultdict
 
 import orjson
 
-from actors.partition_worker import Outbox, counted_offsets, raw_event_rows
+from actors.partition_worker import Outbox, counted_offsets
 from adapters.kafka import TopicSpec, ensure_topics
 from benchmarks.processing import PARTITIONS, BenchPipeline, produce, seed_dimension
 from cluster.settings import load_settings
-from core.batch import process_batch
+from core.batch import process_batch, raw_event_rows
 from core.partition_state import RecordRef
 
 

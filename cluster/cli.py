@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cluster import local_secrets
+from cluster.cli_backfill import backfill
 from cluster.cli_cdc import cdc_app
 from cluster.cli_context import settings_of as _settings
 from cluster.cli_devices import devices_app
@@ -349,6 +350,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(sources_app, name="sources")
 app.command("upload")(upload)
+app.command("backfill")(backfill)
 app.add_typer(devices_app, name="devices")
 
 

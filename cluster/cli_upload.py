@@ -62,10 +62,18 @@ def content_type_for(path: Path, fmt: FileFormat | None) -> str:
 
 def render_status(body: dict[str, Any]) -> str:
     """One line about an upload's progress."""
-    return (
+    line = (
         f"upload {body['id']}: {body['state']} · {body['rows_read']:,} rows read · "
         f"{body['rows_accepted']:,} accepted · {body['rows_rejected']:,} rejected"
     )
+    historical = body.get("rows_historical") or 0
+    if historical:
+        line += (
+            f" · {historical:,} behind the stream, counted by the history job "
+            f"({body.get('history_written') or 0:,} written, "
+            f"{body.get('history_stored') or 0:,} stored already)"
+        )
+    return line
 
 
 def exit_code(body: dict[str, Any]) -> int:

@@ -35,6 +35,7 @@ from core.exceptions import ConfigurationError
 from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment, parse_transforms
 from data_jobs import publish_upload
+from data_jobs.history import HistoryConfig
 from serve_apps.edge import EdgeConfig
 from serve_apps.ingest import IngestAPI
 from serve_apps.query import QueryAPI, QueryConfig
@@ -259,6 +260,25 @@ def cdc_config(settings: Settings) -> CdcApplierConfig:
     )
 
 
+def history_config(settings: Settings, s3: S3Config) -> HistoryConfig:
+    """The history job's configuration: the workers' processing, so that it counts
+    historical rows as the stream counts recent ones."""
+    worker = worker_config(settings)
+    return HistoryConfig(
+        processing=worker.processing,
+        s3=s3,
+        dsn=worker.checkpoint_dsn,
+        bootstrap=worker.bootstrap,
+        dlq_topic=worker.dlq_topic,
+        namespace=settings.ray.namespace,
+        owner_actor=OWNER_NAME,
+        database=settings.clickhouse.database,
+        redis_url=worker.redis_url,
+        enrichment_ttl_ms=worker.enrichment_ttl_ms,
+        rules_refresh_ms=worker.rules_refresh_ms,
+    )
+
+
 def uploads_config(settings: Settings) -> UploadsConfig:
     s3 = S3Config.of(settings.s3)
     job = publish_upload.UploadJobConfig(
@@ -268,6 +288,7 @@ def uploads_config(settings: Settings) -> UploadsConfig:
         raw_topic=settings.kafka.raw_topic,
         dlq_topic=settings.kafka.dlq_topic,
         redis_url=settings.redis.url(),
+        history=history_config(settings, s3),
     )
     return UploadsConfig(
         dsn=settings.postgres.dsn(),

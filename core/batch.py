@@ -386,3 +386,36 @@ def _text(value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)
+
+
+def flat_offsets(records: dict[int, list[RecordRef]]) -> np.ndarray:
+    """The offsets of the batch's records in the order ``_row`` numbers them."""
+    flat = [r.offset for batch in records.values() for r in batch]
+    return np.fromiter(flat, np.int64, len(flat))
+
+
+def raw_event_rows(
+    counted: pa.Table | None, records: dict[int, list[RecordRef]], partitions: set[int]
+) -> pa.Table | None:
+    """The rows for the raw-event table: envelope columns, origin and the JSON payload."""
+    if counted is None or not counted.num_rows:
+        return None
+    keep = pc.is_in(counted["_partition"], pa.array(sorted(partitions), pa.int64()))
+    counted = counted.filter(keep)
+    rows = counted["_row"]
+    # one Arrow array of the whole batch, then a take: no Python call per row
+    payloads = pa.array([r.value for batch in records.values() for r in batch], pa.binary())
+    return pa.table(
+        {
+            "tenant": counted["tenant"],
+            "type": counted["type"],
+            "ts": pc.cast(counted["ts"], pa.timestamp("ms", "UTC")),
+            "source": pc.fill_null(counted["source"], ""),
+            "event_id": counted["event_id"],
+            "entity": pc.fill_null(counted["entity"], ""),
+            "value": counted["value"],
+            "partition": pc.cast(counted["_partition"], pa.uint16()),
+            "offset": pa.array(flat_offsets(records), pa.uint64()).take(rows),
+            "payload": payloads.take(rows),
+        }
+    )

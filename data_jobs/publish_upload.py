@@ -1,4 +1,5 @@
-"""Publish one uploaded file: read it from S3, validate every row, produce it to Kafka.
+"""Publish one uploaded file: read it from S3, validate every row, produce it to Kafka,
+and hand the rows the stream can no longer take to the history job.
 
 Started by the uploads Serve app as a Ray task (:func:`start`); calling :func:`start`
 again with the same upload id retries a failed upload (a finished one is left alone).
@@ -9,12 +10,18 @@ one Ray task streams the object (``S3Store.open``: bounded read-ahead), splits i
 records with ``core.formats.iter_records`` and works through them in batches of
 ``batch_rows``: validate, produce the accepted envelopes to ``events.raw`` and the
 rejected rows to ``events.dlq``, wait for Kafka's acknowledgement of both, then write
-the counters to the ``uploads`` row. Memory holds one batch. Ray Data is not used:
-it has no streaming source for a single row-ordered file in Ray 2.60 (``read_csv``
-and friends parallelise over files or Parquet row groups and cannot give a per-row
-reject with its row number), and wrapping each batch in a Dataset would add
-scheduling cost to work that takes microseconds per row. Ray gives what matters
-here: the task runs on the cluster, near S3, with retries.
+the counters to the ``uploads`` row. Memory holds one batch. Reading the file is not a
+Ray Data job: it has no streaming source for a single row-ordered file in Ray 2.60
+(``read_csv`` and friends parallelise over files or Parquet row groups and cannot give a
+per-row reject with its row number).
+
+History. An accepted row stamped before the stream's cutoff for its tenant
+(``data_jobs.history.stream_cutoff_ms``: now less the tenant's lateness, plus
+``history_margin_ms``) would be dead-lettered as late by the workers. Such rows are
+staged in S3 instead, one part per batch, before the batch is counted; once the whole
+file is read, the history job (``data_jobs.history``, Ray Data over the parts) counts
+them into the raw events and recomputes the rollups of their days. The upload is
+``done`` when both are.
 
 Idempotence. A row's ``event_id`` comes from the file; a row without one gets
 ``<upload id>-<row index>``, the same on every run. A retried run starts from the
@@ -48,6 +55,15 @@ from adapters.uploads import Upload, UploadTable
 from core.envelope import validate_events
 from core.formats import RecordError, iter_records
 from core.source_mapping import apply_mapping, parse_mapping
+from data_jobs.history import (
+    STAGING_PREFIX,
+    HistoryConfig,
+    run_history,
+    split_history,
+    stage,
+    staged_key,
+    stream_cutoff_ms,
+)
 
 _SEND_ATTEMPTS = 30
 Item: TypeAlias = "tuple[int, Any] | RecordError"
@@ -65,6 +81,12 @@ class UploadJobConfig:
     redis_url: str | None = None
     batch_rows: int = 5000
     linger_ms: int = 20
+    history: HistoryConfig | None = None
+    """Where rows behind the stream's watermark go (None: all rows to the stream)."""
+    history_margin_ms: int = 5_000
+    """How long a record may take from its verdict to Kafka: rows stamped less than this
+    much after ``now - lateness`` go to history too (a late row in the stream would be
+    dead-lettered, a recent one in history is only missing from the live windows)."""
 
 
 class Batch(Outgoing):
@@ -239,6 +261,8 @@ class _Job:
             queue_max_messages=max(100_000, 4 * self.config.batch_rows),
         )
         read, accepted, rejected = upload.rows_read, upload.rows_accepted, upload.rows_rejected
+        historical = upload.rows_historical
+        history = self.config.history
         try:
             seekable = upload.format == "parquet"  # Parquet reads its footer first
             with self.store.open(upload.object_key, seekable=seekable) as stream:
@@ -246,14 +270,27 @@ class _Job:
                 for group in batches(items, self.config.batch_rows, skip=read):
                     now_ms = int(time.time() * 1000)
                     batch = split_batch(group, upload, now_ms, mapping)
+                    old: list[Record] = []
+                    if history is not None and batch.raw:
+                        lateness = history.processing.lateness
+                        margin = self.config.history_margin_ms
+                        cutoff = stream_cutoff_ms(upload.tenant, now_ms, lateness, margin)
+                        batch.raw, old = split_history(batch.raw, cutoff)
+                        if old:  # staged before the counters say the group is read
+                            stage(self.store, staged_key(upload.id, read), old)
+                            historical += len(old)
                     await self._send(publisher, batch)
                     read += len(group)
-                    accepted += len(batch.accepted)
+                    accepted += len(batch.accepted) + len(old)
                     rejected += len(batch.rejected)
-                    await self.table.progress(upload.id, read, accepted, rejected)
+                    await self.table.progress(upload.id, read, accepted, rejected, historical)
                     self._record(upload.source, len(batch.accepted), len(batch.rejected))
         finally:
             publisher.close(5)
+        if history is not None:
+            keys = self.store.keys(f"{STAGING_PREFIX}{upload.id}/")
+            result = await asyncio.to_thread(run_history, history, keys)
+            await self.table.history_done(upload.id, result.written, result.stored_already)
 
     async def _source_rules(self, upload: Upload) -> tuple[Any, Any]:
         """The source's payload mapping (None: rows are envelopes) and, for CSV, the

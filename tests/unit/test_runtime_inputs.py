@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from actors.partition_worker import WorkerConfig
-from actors.runtime_inputs import RuntimeInputs
 from adapters.exceptions import StoreUnavailable
+from adapters.runtime_inputs import RuntimeInputs
 from core.batch import Runtime
 from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment

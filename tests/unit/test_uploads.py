@@ -240,3 +240,12 @@ def test_cli_status_line_shows_the_counters() -> None:
     body = {"id": "u1", "state": "running", "rows_read": 12000, "rows_accepted": 11990}
     line = render_status({**body, "rows_rejected": 10})
     assert line == "upload u1: running · 12,000 rows read · 11,990 accepted · 10 rejected"
+
+
+def test_cli_status_line_says_how_many_rows_the_history_job_counted() -> None:
+    body = {"id": "u1", "state": "done", "rows_read": 3000, "rows_accepted": 3000}
+    body |= {"rows_rejected": 0, "rows_historical": 2500, "history_written": 2400}
+    line = render_status({**body, "history_stored": 100})
+    assert line.endswith(
+        "· 2,500 behind the stream, counted by the history job (2,400 written, 100 stored already)"
+    )

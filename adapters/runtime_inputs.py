@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -28,10 +28,22 @@ from adapters.postgres import MetadataStore
 from core.avro import AvroError, SchemaCache, decode, parse_schema_text, validate
 from core.batch import Runtime, Validator
 from core.cep import load_rules
+from core.partition_state import ProcessingConfig
 from core.transforms import DimensionCache, TransformError
 
-if TYPE_CHECKING:
-    from actors.partition_worker import WorkerConfig
+
+class InputsConfig(Protocol):
+    """What the inputs read of a worker's (or the history job's) configuration."""
+
+    @property
+    def processing(self) -> ProcessingConfig: ...
+    @property
+    def rules_refresh_ms(self) -> int: ...
+    @property
+    def enrichment_ttl_ms(self) -> int: ...
+    @property
+    def redis_url(self) -> str | None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +57,7 @@ class RuntimeInputs:
 
     def __init__(
         self,
-        config: WorkerConfig,
+        config: InputsConfig,
         meta: MetadataStore,
         cdc_positions: CdcPositionReader | None = None,
     ) -> None:
