@@ -287,7 +287,10 @@ def run_history(config: HistoryConfig, keys: Sequence[str]) -> HistoryResult:
         fn_constructor_kwargs={"config": config},
         batch_size=1,
         batch_format="pyarrow",
-        concurrency=max(1, min(config.concurrency, len(keys))),
+        # starts with one actor, so a cluster with one free CPU still gets on with it
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=max(1, min(config.concurrency, len(keys)))
+        ),
     )
     first: int | None = None
     last: int | None = None
