@@ -190,6 +190,19 @@ class S3Store:
             raise self._fail(f"list {prefix!r}", exc) from exc
         return [item["Key"] for item in answer.get("Contents", [])]
 
+    def all_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix``, in key order (pages of 1000 followed)."""
+        found: list[str] = []
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix
+            )
+            for page in pages:
+                found.extend(item["Key"] for item in page.get("Contents", []))
+        except _DRIVER_ERRORS as exc:
+            raise self._fail(f"list {prefix!r}", exc) from exc
+        return found
+
     def multipart_uploads(self, prefix: str) -> list[str]:
         """Keys of unfinished multipart uploads under ``prefix``."""
         try:

@@ -99,7 +99,7 @@ async def _run(
                 f"`rayline sources add {source} --kind upload --tenant TENANT`"
             )
         store = S3Store(S3Config.of(settings.s3))
-        keys = [k for k in store.keys(prefix) if not k.endswith("/")]
+        keys = [k for k in store.all_keys(prefix) if not k.endswith("/")]
         if not keys:
             raise _Failed(f"no object under {prefix!r} in bucket {settings.s3.bucket!r}")
         unknown = [k for k in keys if format_of(k, chosen) is None]

@@ -93,6 +93,7 @@ def stage(store: S3Store, key: str, records: Sequence[Record]) -> None:
     """Write one part: the envelopes' bytes, one per line (JSON has no raw newline)."""
     with store.writer(key, "application/x-ndjson") as out:
         out.write(b"\n".join(record[1] for record in records) + b"\n")
+        out.complete()
 
 
 @dataclass

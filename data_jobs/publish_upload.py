@@ -288,7 +288,7 @@ class _Job:
         finally:
             publisher.close(5)
         if history is not None:
-            keys = self.store.keys(f"{STAGING_PREFIX}{upload.id}/")
+            keys = self.store.all_keys(f"{STAGING_PREFIX}{upload.id}/")
             result = await asyncio.to_thread(run_history, history, keys)
             await self.table.history_done(upload.id, result.written, result.stored_already)
 

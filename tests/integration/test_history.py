@@ -135,8 +135,10 @@ def test_a_backfill_of_files_in_s3_counts_them_and_says_what_it_did(
     for name, body in (("a.csv", data[:half]), ("b.csv", header + data[half:])):
         with store.writer(prefix + name, "text/csv") as out:
             out.write(body)
+            out.complete()
     with store.writer(prefix + "notes.txt", "text/plain") as out:
         out.write(b"not a data file")
+        out.complete()
 
     refused = rayline("backfill", prefix, "--source", source, timeout=120)
     assert refused.returncode == 1
