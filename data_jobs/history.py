@@ -288,10 +288,13 @@ def run_history(config: HistoryConfig, keys: Sequence[str]) -> HistoryResult:
         fn_constructor_kwargs={"config": config},
         batch_size=1,
         batch_format="pyarrow",
-        # starts with one actor, so a cluster with one free CPU still gets on with it
         compute=ray.data.ActorPoolStrategy(
             min_size=1, max_size=max(1, min(config.concurrency, len(keys)))
         ),
+        # The job runs inside an upload task that holds a CPU while it waits: actors
+        # asking for one more would wait for ever once uploads hold every CPU (two
+        # files on two cores). The pool's size bounds what they take instead.
+        num_cpus=0,
     )
     first: int | None = None
     last: int | None = None
