@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
 import boto3
+import pyarrow.fs as pafs
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -96,6 +98,25 @@ def _client(config: S3Config) -> Any:
             connect_timeout=5,
             read_timeout=60,
         ),
+    )
+
+
+def filesystem(config: S3Config) -> pafs.S3FileSystem:
+    """The bucket's server as a ``pyarrow.fs`` filesystem (paths are ``bucket/key``):
+    what Ray Data and ``pyarrow.dataset`` read Parquet through, row group by row group
+    with ranged reads."""
+    scheme, endpoint = "https", None
+    if config.endpoint:
+        parsed = urllib.parse.urlsplit(config.endpoint)
+        scheme, endpoint = parsed.scheme or "https", parsed.netloc or parsed.path
+    return pafs.S3FileSystem(
+        access_key=config.access_key_id,
+        secret_key=config.secret_access_key,
+        region=config.region,
+        endpoint_override=endpoint,
+        scheme=scheme,
+        connect_timeout=5,
+        request_timeout=60,
     )
 
 
@@ -192,13 +213,20 @@ class S3Store:
 
     def all_keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix``, in key order (pages of 1000 followed)."""
+        return self._list(prefix, "Contents", "Key")
+
+    def folders(self, prefix: str) -> list[str]:
+        """The "folders" right under ``prefix`` (keys up to the next ``/``, with it)."""
+        return self._list(prefix, "CommonPrefixes", "Prefix", Delimiter="/")
+
+    def _list(self, prefix: str, part: str, name: str, **options: str) -> list[str]:
         found: list[str] = []
         try:
             pages = self._s3.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=prefix
+                Bucket=self.bucket, Prefix=prefix, **options
             )
             for page in pages:
-                found.extend(item["Key"] for item in page.get("Contents", []))
+                found.extend(item[name] for item in page.get(part, []))
         except _DRIVER_ERRORS as exc:
             raise self._fail(f"list {prefix!r}", exc) from exc
         return found

@@ -23,10 +23,12 @@ from cluster.cli_backfill import backfill
 from cluster.cli_cdc import cdc_app
 from cluster.cli_context import settings_of as _settings
 from cluster.cli_devices import devices_app
+from cluster.cli_jobs import jobs_app
 from cluster.cli_metadata import rules_app, schemas_app
 from cluster.cli_rollups import rollups_app
 from cluster.cli_sources import keys_app, sources_app, tenants_app
 from cluster.cli_upload import upload
+from cluster.cli_verify import verify
 from cluster.settings import Settings, describe_settings, load_settings
 from core.exceptions import RaylineError
 
@@ -351,7 +353,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(sources_app, name="sources")
 app.command("upload")(upload)
 app.command("backfill")(backfill)
+app.command("verify")(verify)
 app.add_typer(devices_app, name="devices")
+app.add_typer(jobs_app, name="jobs")
 
 
 class Then(StrEnum):

@@ -40,7 +40,8 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
-def _time(option: str, text: str) -> int:
+def parse_time(option: str, text: str) -> int:
+    """Epoch ms of an option's RFC 3339 time or epoch seconds."""
     try:
         return parse_event_time(float(text) if text.replace(".", "", 1).isdigit() else text)
     except ValueError as exc:
@@ -68,7 +69,7 @@ def rollups_rebuild(
     to: Annotated[str, typer.Option(help="End (RFC 3339 or epoch seconds; ceiled to a day).")],
 ) -> None:
     """Compute the sealed 1m/1h/1d aggregates of whole days again from the raw events."""
-    start, end = _time("--from", from_), _time("--to", to)
+    start, end = parse_time("--from", from_), parse_time("--to", to)
     if end <= start:
         raise InvalidInputError(f"--to {to!r} must come after --from {from_!r}")
     with console.status("rebuilding (deleting the days' aggregates, then rolling up) ..."):

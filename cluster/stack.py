@@ -281,6 +281,9 @@ class LocalStack:
             log_file=self.logs / "ray.log",
             env={
                 "RAY_USAGE_STATS_ENABLED": "0",
+                # Ray jobs run commands (`rayline verify ...`): this environment's are
+                # found on PATH, as a cluster image's are.
+                "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
                 **local_secrets.ray_environment(s),
                 "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if s.serve.throughput_optimized else "0",
                 "RAY_SERVE_ENABLE_HA_PROXY": "1" if s.serve.haproxy else "0",

@@ -134,15 +134,30 @@ class HourDir:
 
 def hours_between(kind: Kind, source: object, from_ms: int, to_ms: int) -> list[HourDir]:
     """Every hour directory that may hold rows of ``source`` in ``[from_ms, to_ms)``."""
+    return hours_of_key(kind, source_key(source), from_ms, to_ms)
+
+
+def hours_of_key(kind: Kind, key: str, from_ms: int, to_ms: int) -> list[HourDir]:
+    """As :func:`hours_between`, for a source directory's key-safe name (as listed)."""
     if to_ms <= from_ms:
         return []
     start = datetime.fromtimestamp(hour_start_ms(max(0, from_ms)) / 1000, tz=UTC)
     end = datetime.fromtimestamp(max(0, to_ms - 1) / 1000, tz=UTC)
     dirs = []
     while start <= end:
-        dirs.append(HourDir.at(kind, source, int(start.timestamp() * 1000)))
+        dirs.append(HourDir(kind, key, start.strftime("%Y-%m-%d"), start.hour))
         start += timedelta(hours=1)
     return dirs
+
+
+def source_keys_of(folders: Iterable[str]) -> list[str]:
+    """The key-safe source names of listed ``<root>/<kind>/source=<name>/`` folders."""
+    found = []
+    for folder in folders:
+        name = folder.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("source="):
+            found.append(name.removeprefix("source="))
+    return found
 
 
 def file_name(topic: str, partition: int, first_offset: int, last_offset: int) -> str:

@@ -77,6 +77,8 @@ STACK_ENV = {
     "RAYLINE_CLICKHOUSE__DIMENSIONS": '["region"]',
     # Pollers are refused loopback by default (SSRF); the tests' APIs listen on 127.0.0.1.
     "RAYLINE_POLLING__ALLOWED_HOSTS": '["127.0.0.1"]',
+    # The archive replay's test waits for the archiver: it writes every 2 s, not 60.
+    "RAYLINE_ARCHIVE__FLUSH_SECONDS": "2",
 }
 
 
