@@ -181,7 +181,9 @@ def test_sql_sees_only_the_callers_rows_whatever_it_asks(data: Data) -> None:
         "SELECT tenant, count() FROM events GROUP BY tenant",
         f"SELECT tenant, count() FROM {db}.events WHERE tenant = 'b' OR 1 = 1 GROUP BY tenant",
         "SELECT tenant, sum(events) FROM (SELECT * FROM rollup_1h) GROUP BY tenant",
-        "SELECT e.tenant, count() FROM events AS e JOIN rollup_1d AS w "
+        # windows_1m: rollup_1d holds no day when the data's 23 sealed hours straddle
+        # midnight (a run between 02:00 and 03:00 UTC), and an empty join proves nothing
+        "SELECT e.tenant, count() FROM events AS e JOIN windows_1m AS w "
         "ON e.tenant = w.tenant AND e.type = w.type GROUP BY e.tenant",
     ):
         answer = ask(service(data).sql("a", sql))
