@@ -57,10 +57,22 @@ def _client(ctx: typer.Context) -> JobSubmissionClient:
         raise typer.Exit(2) from exc
 
 
+_SECRET_WORDS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
+
+
 def job_environment(environ: dict[str, str]) -> dict[str, str]:
     """The variables a job's driver needs to see the cluster as this process does: the
-    Rayline settings (``RAYLINE_*``), not the Ray token (the cluster gives its own)."""
-    return {name: value for name, value in environ.items() if name.startswith("RAYLINE_")}
+    Rayline settings (``RAYLINE_*``), not the Ray token (the cluster gives its own).
+
+    Secrets stay out: a job's runtime environment is shown by ``ray job list`` and the
+    dashboard. The job reads them where the head does (the local state directory, or
+    the cluster image's environment).
+    """
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.startswith("RAYLINE_") and not any(w in name.upper() for w in _SECRET_WORDS)
+    }
 
 
 @jobs_app.command("submit", context_settings={"allow_extra_args": True})

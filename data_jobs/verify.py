@@ -117,7 +117,7 @@ class Difference:
         return {
             "tenant": self.window.tenant,
             "type": self.window.type,
-            "minute": utc_datetime(self.window.minute_ms).isoformat().replace("+00:00", "Z"),
+            "minute": _iso(self.window.minute_ms),
             "replayed": _totals_dict(self.replayed),
             "stored": _totals_dict(self.stored),
         }

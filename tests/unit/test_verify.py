@@ -164,3 +164,16 @@ def test_the_filesystem_speaks_to_the_configured_endpoint() -> None:
     fs = filesystem(S3)
     assert fs.region == "us-east-1"
     assert "127.0.0.1:29000" in repr(fs.__reduce__())
+
+
+def test_a_job_carries_the_rayline_settings_but_no_secret() -> None:
+    from cluster.cli_jobs import job_environment
+
+    environ = {
+        "RAYLINE_ARCHIVE__PREFIX": "archive",
+        "RAYLINE_POSTGRES__PASSWORD": "hunter2",
+        "RAYLINE_S3__SECRET_ACCESS_KEY": "s3cr3t",
+        "RAYLINE_RAY__AUTH_TOKEN": "tok",
+        "HOME": "/root",
+    }
+    assert job_environment(environ) == {"RAYLINE_ARCHIVE__PREFIX": "archive"}
