@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: install Python 3.11 (or make PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,spark]"
 	touch $@
 
 demo: setup  ## bring the stack up and stream synthetic events with a live view
@@ -111,7 +111,7 @@ docs: setup  ## regenerate docs/configuration.md from the settings object
 
 lock:  ## re-resolve constraints.txt from pyproject.toml (then review the diff)
 	rm -rf /tmp/rayline-lock && $(PYTHON) -m venv /tmp/rayline-lock
-	/tmp/rayline-lock/bin/pip install -q ".[dev]"
+	/tmp/rayline-lock/bin/pip install -q ".[dev,spark]"
 	/tmp/rayline-lock/bin/pip freeze --exclude-editable | grep -v '^rayline' > constraints.txt
 
 # `rayline down --purge` also deletes what the stack keeps outside .state (PostgreSQL's

@@ -152,6 +152,12 @@ class ClickHouseOwner:
     def insert_events(self, table: pa.Table) -> int:
         return self._store.insert_events(table)
 
+    @ray.method(concurrency_group=WRITES)
+    def replace_sessions(
+        self, from_ms: int, to_ms: int, tenant: str | None, table: pa.Table
+    ) -> int:
+        return self._store.replace_sessions(from_ms, to_ms, tenant, table)
+
     @ray.method(concurrency_group=READS)
     def window_results(
         self, tenant: str, type_: str, window: str, from_ms: int, to_ms: int

@@ -220,6 +220,26 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (12, _sketch_columns("windows_1m")),
     (13, _sketch_columns("rollup_1h")),
     (14, _sketch_columns("rollup_1d")),
+    (
+        15,
+        # Sessions of an entity, as the sessions batch job computed them from the
+        # archive (data_jobs/sessions.py). A run replaces the sessions of its range.
+        """
+        CREATE TABLE IF NOT EXISTS {db}.sessions
+        (
+            tenant LowCardinality(String),
+            entity String,
+            session_start DateTime64(3, 'UTC'),
+            session_end DateTime64(3, 'UTC'),
+            events UInt64,
+            value_sum Float64,
+            written_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        )
+        ENGINE = ReplacingMergeTree(written_at)
+        PARTITION BY toYYYYMM(session_start)
+        ORDER BY (tenant, entity, session_start)
+        """,
+    ),
 )
 
 
@@ -405,6 +425,28 @@ class ClickHouseStore:
             raise StoreUnavailable(
                 f"ClickHouse rejected {table.num_rows} raw events: {exc}"
             ) from exc
+        return int(table.num_rows)
+
+    def replace_sessions(
+        self, from_ms: int, to_ms: int, tenant: str | None, table: pa.Table
+    ) -> int:
+        """Store the sessions a job computed for ``[from_ms, to_ms)`` (of ``tenant``, or of
+        every tenant) in place of those stored for it before."""
+        where = (
+            "session_start >= fromUnixTimestamp64Milli({from_ms:Int64}, 'UTC') "
+            "AND session_start < fromUnixTimestamp64Milli({to_ms:Int64}, 'UTC')"
+        )
+        params: dict[str, Any] = {"from_ms": from_ms, "to_ms": to_ms}
+        if tenant is not None:
+            where += " AND tenant = {tenant:String}"
+            params["tenant"] = tenant
+        self._command(f"DELETE FROM {self._database}.sessions WHERE {where}", params)
+        if not table.num_rows:
+            return 0
+        try:
+            self._client.insert_arrow(f"{self._database}.sessions", table)
+        except ClickHouseError as exc:
+            raise StoreUnavailable(f"ClickHouse rejected {table.num_rows} sessions: {exc}") from exc
         return int(table.num_rows)
 
     def window_results(

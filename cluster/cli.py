@@ -26,6 +26,7 @@ from cluster.cli_devices import devices_app
 from cluster.cli_jobs import jobs_app
 from cluster.cli_metadata import rules_app, schemas_app
 from cluster.cli_rollups import rollups_app
+from cluster.cli_sessions import sessions
 from cluster.cli_sources import keys_app, sources_app, tenants_app
 from cluster.cli_upload import upload
 from cluster.cli_verify import verify
@@ -354,6 +355,7 @@ app.add_typer(sources_app, name="sources")
 app.command("upload")(upload)
 app.command("backfill")(backfill)
 app.command("verify")(verify)
+app.command("sessions")(sessions)
 app.add_typer(devices_app, name="devices")
 app.add_typer(jobs_app, name="jobs")
 

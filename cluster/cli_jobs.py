@@ -96,7 +96,8 @@ def submit(
     the exit code is 0 when it succeeded, 1 when it failed or was stopped."""
     client = _client(ctx)
     command = shlex.join(entrypoint)
-    job_id = client.submit_job(
+    job_id = _submitted(
+        client,
         entrypoint=command,
         submission_id=submission_id or f"rayline-{uuid.uuid4().hex[:12]}",
         runtime_env={"env_vars": job_environment(dict(os.environ))},
@@ -112,6 +113,30 @@ def submit(
     err.print(f"{job_id}: {status}")
     if status != "SUCCEEDED":
         raise typer.Exit(1)
+
+
+def _submitted(client: JobSubmissionClient, attempts: int = 3, **job: Any) -> str:
+    """The job's id once the cluster took it. The head answers "no available agent"
+    while its dashboard agent is not serving yet (just after `rayline up`): that is
+    retried; what stays refused is said, with what to check."""
+    attempt = 1
+    while True:
+        try:
+            return str(client.submit_job(**job))
+        except RuntimeError as exc:
+            agentless = "No available agent" in str(exc)
+            if not agentless or attempt == attempts:
+                hint = (
+                    "the head's dashboard agent does not serve: see dashboard_agent.log in "
+                    "the Ray session's logs (a port taken by another Ray? ray.agent_port "
+                    "sets it)"
+                    if agentless
+                    else "see the message"
+                )
+                err.print(f"[red]error:[/red] the cluster refused the job: {exc} ({hint})")
+                raise typer.Exit(2) from exc
+        time.sleep(2.0 * attempt)
+        attempt += 1
 
 
 async def _follow(client: JobSubmissionClient, job_id: str) -> None:

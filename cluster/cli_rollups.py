@@ -40,6 +40,22 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
+RangeStart = Annotated[
+    str, typer.Option("--from", help="Start of the range, inclusive (RFC 3339 or epoch seconds).")
+]
+RangeEnd = Annotated[
+    str, typer.Option("--to", help="End of the range, exclusive (RFC 3339 or epoch seconds).")
+]
+
+
+def time_range(from_: str, to: str) -> tuple[int, int]:
+    """Epoch ms of ``--from`` and ``--to``, the end after the start."""
+    start, end = parse_time("--from", from_), parse_time("--to", to)
+    if end <= start:
+        raise InvalidInputError(f"--to {to!r} must come after --from {from_!r}")
+    return start, end
+
+
 def parse_time(option: str, text: str) -> int:
     """Epoch ms of an option's RFC 3339 time or epoch seconds."""
     try:

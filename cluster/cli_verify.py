@@ -11,8 +11,6 @@ made (a store or the cluster failed; the message says which).
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
 from typing import Annotated, Any
 
@@ -20,9 +18,8 @@ import orjson
 import typer
 from rich.console import Console
 
-from cluster.cli_context import settings_of
-from cluster.cli_rollups import parse_time
-from core.exceptions import InvalidInputError
+from cluster.cli_context import settings_of, stdout_on_stderr
+from cluster.cli_rollups import RangeEnd, RangeStart, time_range
 
 console = Console()
 err = Console(stderr=True)
@@ -30,13 +27,8 @@ err = Console(stderr=True)
 
 def verify(
     ctx: typer.Context,
-    from_: Annotated[
-        str,
-        typer.Option("--from", help="Start of the range, inclusive (RFC 3339 or epoch seconds)."),
-    ],
-    to: Annotated[
-        str, typer.Option("--to", help="End of the range, exclusive (RFC 3339 or epoch seconds).")
-    ],
+    from_: RangeStart,
+    to: RangeEnd,
     tenant: Annotated[
         str | None, typer.Option(help="Only this tenant's events (default: every tenant).")
     ] = None,
@@ -48,13 +40,11 @@ def verify(
 
     Exit code 0: every window agrees; 1: some differ; 2: the check could not be made.
     """
-    from cluster.deploy import connected, verify_config
+    from cluster.deploy import connected, replay_config
     from data_jobs.verify import run_verify
 
     settings = settings_of(ctx)
-    start, end = parse_time("--from", from_), parse_time("--to", to)
-    if end <= start:
-        raise InvalidInputError(f"--to {to!r} must come after --from {from_!r}")
+    start, end = time_range(from_, to)
     fresh_ms = int((time.time() - 2 * settings.archive.flush_seconds) * 1000)
     if end > fresh_ms:
         err.print(
@@ -64,8 +54,8 @@ def verify(
         )
     # Ray prints the cluster's warnings to stdout: they go to stderr, with the job's
     # progress, so that stdout holds the report alone (--json stays parseable).
-    with contextlib.redirect_stdout(sys.stderr), connected(settings):
-        report = run_verify(verify_config(settings), start, end, tenant)
+    with stdout_on_stderr(), connected(settings):
+        report = run_verify(replay_config(settings), start, end, tenant)
     body = report.as_dict()
     if as_json:
         print(orjson.dumps(body, option=orjson.OPT_INDENT_2).decode())

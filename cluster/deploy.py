@@ -36,7 +36,7 @@ from core.partition_state import ProcessingConfig, parse_window
 from core.transforms import parse_enrichment, parse_transforms
 from data_jobs import publish_upload
 from data_jobs.history import HistoryConfig
-from data_jobs.verify import VerifyConfig
+from data_jobs.replay import ReplayConfig
 from serve_apps.edge import EdgeConfig
 from serve_apps.ingest import IngestAPI
 from serve_apps.query import QueryAPI, QueryConfig
@@ -280,9 +280,9 @@ def history_config(settings: Settings, s3: S3Config) -> HistoryConfig:
     )
 
 
-def verify_config(settings: Settings) -> VerifyConfig:
+def replay_config(settings: Settings) -> ReplayConfig:
     """The archive replay's configuration: the stream's processing and the archive."""
-    return VerifyConfig(
+    return ReplayConfig(
         history=history_config(settings, S3Config.of(settings.s3)),
         archive_prefix=settings.archive.prefix,
         raw_topic=settings.kafka.raw_topic,

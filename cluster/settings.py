@@ -223,6 +223,13 @@ class RaySettings(_Part):
     client_port: int = Field(
         26381, ge=1, le=65535, description="Ray Client server port (ray://) of the local head."
     )
+    agent_port: int = Field(
+        26382,
+        ge=1,
+        le=65535,
+        description="HTTP port of the local head's dashboard agent, which runs Ray jobs "
+        "(Ray's default, 52365, is taken by any other Ray on the machine).",
+    )
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs the local head offers Ray (default: all of them)."
     )

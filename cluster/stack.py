@@ -263,6 +263,8 @@ class LocalStack:
             str(r.dashboard_port),
             "--ray-client-server-port",
             str(r.client_port),
+            "--dashboard-agent-listen-port",
+            str(r.agent_port),
             # Ray's default worker port range (10002-19999) is kept clear of the
             # stack's own ports, which all sit above it.
             "--object-store-memory",
@@ -276,7 +278,7 @@ class LocalStack:
         return ProcessSpec(
             name="ray",
             argv=argv,
-            ports=[r.port, r.dashboard_port, r.client_port],
+            ports=[r.port, r.dashboard_port, r.client_port, r.agent_port],
             ready=lambda: port_open(r.port, r.host) and port_open(r.dashboard_port, r.host),
             log_file=self.logs / "ray.log",
             env={

@@ -52,6 +52,7 @@ TENANT_TABLES = (
     "rollup_1d",
     "data_quality_1m",
     "window_results",
+    "sessions",
 )
 MAX_SQL_CHARS = 16_384
 MAX_DEPTH = 32

@@ -1,26 +1,17 @@
 """Replay the archive, compare with live: ``rayline verify --from --to``.
 
-The raw archive (docs/archive.md) holds every record of ``events.raw`` as Kafka had it.
-This job (Ray Data) reads the archive's Parquet files of a time range, runs each batch
-through the stream's own pass (``core.batch.process_batch``: decoding, schema checks,
-transforms, enrichment), takes out what the stream had good reason not to count, and
-sums the rest into 1-minute windows per ``(tenant, type)``: count, sum, min and max of
-``value``. It reads the same of what ClickHouse holds (the raw events table, which every
-query and rollup is computed from) and reports every window where the two differ.
+This job replays a time range of the raw archive through the stream's own pass
+(``data_jobs.replay``: Ray Data over the archive's Parquet files, what the stream
+dead-lettered or dropped taken out), collapses duplicates on the raw events table's key
+``(tenant, type, ts, source, event_id)``, and sums the rest into 1-minute windows per
+``(tenant, type)``: count, sum, min and max of ``value``. It reads the same of what
+ClickHouse holds (the raw events table, which every query and rollup is computed from)
+and reports every window where the two differ.
 
-What the replay takes out, so that a healthy pipeline shows no difference:
-
-- records the stream dead-lettered (late, schema, transform, poison): the dead letters
-  the workers write name the record's partition and offset (``origin.*``), and the DLQ
-  archive keeps them; those dead-lettered in ``[from - 1 h, now)`` are read;
-- records the stream's pass drops or refuses anyway (a filter, a schema violation);
-- duplicates: one row per ``(tenant, type, ts, source, event_id)``, the key of the raw
-  events table.
-
-The other side leaves out the rows written by the history job (partition
+The ClickHouse side leaves out the rows written by the history job (partition
 :data:`~data_jobs.history.HISTORY_PARTITION`): they never were in Kafka, so the archive
-has none of them. Events without a source are left out on both sides: the archive files
-them under ``source=_unknown`` by the time Kafka appended them, not by event time.
+has none of them. Events without a source are left out on both sides (see
+``data_jobs.replay``).
 
 Limits, said in the report rather than hidden: the archive is written every
 ``archive.flush_seconds``, so a range that ends later than that ago misses its newest
@@ -39,42 +30,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
-from adapters.archive import read_manifest
 from adapters.exceptions import StoreUnavailable
-from adapters.s3 import S3Store, filesystem
-from core.archive_layout import UNKNOWN_SOURCE, Kind, hours_of_key, source_keys_of
-from core.batch import Runtime, process_batch, raw_event_rows
-from core.partition_state import PartitionState, RecordRef
 from core.query_plan import utc_datetime
-from data_jobs.history import HISTORY_PARTITION, HistoryConfig
+from data_jobs.history import HISTORY_PARTITION
+from data_jobs.replay import EVENT_KEY, ReplayConfig, replay
 
 log = logging.getLogger(__name__)
 
-MINUTE_MS = 60_000
-DEAD_LETTER_LOOKBACK_MS = 3_600_000
 SUM_TOLERANCE = 1e-9
 WINDOW_COLUMNS = ["tenant", "type", "minute", "events", "sum", "min", "max"]
-_REPLAY_COLUMNS = ["payload", "key", "partition", "offset", "kafka_timestamp"]
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyConfig:
-    """Everything the job needs, as plain data (it travels to the Ray workers)."""
-
-    history: HistoryConfig  # the stream's processing and where the stores are
-    archive_prefix: str
-    raw_topic: str
-    concurrency: int = 2
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -152,8 +123,9 @@ def windows_of(table: pa.Table) -> dict[Window, Totals]:
 def window_totals(rows: pa.Table) -> pa.Table:
     """Raw-event rows (tenant, type, minute, ts, source, event_id, value) summed per
     window, one row per raw-events key (the later copies of a duplicate dropped)."""
-    key = ["tenant", "type", "minute", "ts", "source", "event_id"]
-    unique = rows.group_by(key, use_threads=False).aggregate([("value", "first")])
+    unique = rows.group_by(["minute", *EVENT_KEY], use_threads=False).aggregate(
+        [("value", "first")]
+    )
     totals = unique.group_by(["tenant", "type", "minute"], use_threads=False).aggregate(
         [("value_first", "count"), ("value_first", "sum"), ("value_first", "min_max")]
     )
@@ -169,123 +141,6 @@ def window_totals(rows: pa.Table) -> pa.Table:
             "max": pc.struct_field(bounds, "max"),
         }
     )
-
-
-def dead_letter_origins(table: pa.Table, topic: str) -> set[tuple[int, int]]:
-    """(partition, offset) of the ``topic`` records that dead letters (DLQ archive rows,
-    ``stage`` and ``origin`` columns) name."""
-    found: set[tuple[int, int]] = set()
-    for origin in table["origin"].to_pylist():
-        try:
-            fields = orjson.loads(origin or "{}")
-            if fields.get("topic") == topic:
-                found.add((int(fields["partition"]), int(fields["offset"])))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            continue  # a dead letter of another stage (the edge, an upload) names none
-    return found
-
-
-def archive_files(store: S3Store, root: str, kind: Kind, from_ms: int, to_ms: int) -> list[str]:
-    """Keys of the files that manifests list with rows in ``[from_ms, to_ms)``, of every
-    source but ``_unknown``."""
-    base = f"{root.strip('/')}/{kind}/" if root.strip("/") else f"{kind}/"
-    keys: list[str] = []
-    for source in source_keys_of(store.folders(base)):
-        if source == UNKNOWN_SOURCE:
-            continue
-        for directory in hours_of_key(kind, source, from_ms, to_ms):
-            manifest = read_manifest(store, root, directory)
-            keys += [f.key for f in manifest.files if f.max_ts >= from_ms and f.min_ts < to_ms]
-    return keys
-
-
-def replay_rows(
-    batch: pa.Table,
-    runtime: Runtime,
-    config: VerifyConfig,
-    excluded: set[tuple[int, int]],
-    span: tuple[int, int],
-    tenant: str | None,
-) -> pa.Table:
-    """The raw-event rows of one batch of archive rows through the stream's pass, those
-    dead-lettered by the stream left out, restricted to ``span`` and ``tenant``."""
-    partitions = batch["partition"].to_pylist()
-    offsets = batch["offset"].to_pylist()
-    keep = [(p, o) not in excluded for p, o in zip(partitions, offsets, strict=True)]
-    batch = batch.filter(pa.array(keep, pa.bool_()))
-    arrivals = pc.cast(batch["kafka_timestamp"], pa.int64()).to_pylist()
-    refs = [
-        RecordRef(i, key, value, arrival)
-        for i, (key, value, arrival) in enumerate(
-            zip(batch["key"].to_pylist(), batch["payload"].to_pylist(), arrivals, strict=True)
-        )
-    ]
-    state = PartitionState(HISTORY_PARTITION, config.history.processing, 0)
-    _outcomes, counted = process_batch(
-        {HISTORY_PARTITION: state}, {HISTORY_PARTITION: refs}, runtime
-    )
-    rows = raw_event_rows(counted, {HISTORY_PARTITION: refs}, {HISTORY_PARTITION})
-    if rows is None:
-        return _empty_rows()
-    ts = pc.cast(rows["ts"], pa.int64())
-    inside = pc.and_(pc.greater_equal(ts, span[0]), pc.less(ts, span[1]))
-    inside = pc.and_(inside, pc.not_equal(rows["source"], ""))
-    if tenant is not None:
-        inside = pc.and_(inside, pc.equal(rows["tenant"], tenant))
-    rows = rows.filter(inside)
-    ts = pc.cast(rows["ts"], pa.int64())
-    minute = pc.subtract(ts, pc.remainder(ts, MINUTE_MS))
-    return pa.table(
-        {
-            "tenant": rows["tenant"],
-            "type": rows["type"],
-            "minute": minute,
-            "ts": ts,
-            "source": rows["source"],
-            "event_id": rows["event_id"],
-            "value": pc.cast(rows["value"], pa.float64()),
-        }
-    )
-
-
-def _empty_rows() -> pa.Table:
-    return pa.table(
-        {
-            "tenant": pa.array([], pa.string()),
-            "type": pa.array([], pa.string()),
-            "minute": pa.array([], pa.int64()),
-            "ts": pa.array([], pa.int64()),
-            "source": pa.array([], pa.string()),
-            "event_id": pa.array([], pa.string()),
-            "value": pa.array([], pa.float64()),
-        }
-    )
-
-
-class ReplayPass:
-    """A Ray Data actor: archive rows in, raw-event rows out (see :func:`replay_rows`)."""
-
-    def __init__(
-        self,
-        config: VerifyConfig,
-        excluded: set[tuple[int, int]],
-        span: tuple[int, int],
-        tenant: str | None,
-    ) -> None:
-        from adapters.postgres import MetadataStore
-        from adapters.runtime_inputs import RuntimeInputs
-
-        self._config = config
-        self._excluded = excluded
-        self._span = span
-        self._tenant = tenant
-        self._inputs = RuntimeInputs(config.history, MetadataStore(config.history.dsn))
-        self._runtime, _errors = self._inputs.refresh(Runtime(), int(time.time() * 1000), True)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return replay_rows(
-            batch, self._runtime, self._config, self._excluded, self._span, self._tenant
-        )
 
 
 @dataclass
@@ -325,7 +180,7 @@ def _iso(ms: int) -> str:
 
 
 def run_verify(
-    config: VerifyConfig, from_ms: int, to_ms: int, tenant: str | None = None
+    config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None = None
 ) -> VerifyReport:
     """Replay ``[from_ms, to_ms)`` of the archive and compare (see the module); runs on
     the Ray cluster this process is connected to.
@@ -336,15 +191,7 @@ def run_verify(
     """
     started = time.monotonic()
     report = VerifyReport(from_ms, to_ms, tenant)
-    store = S3Store(config.history.s3)
-    root = config.archive_prefix
-    raw = archive_files(store, root, "raw", from_ms, to_ms)
-    now_ms = int(time.time() * 1000)
-    dead = archive_files(store, root, "dlq", from_ms - DEAD_LETTER_LOOKBACK_MS, now_ms)
-    report.files, report.dead_letter_files = len(raw), len(dead)
-    excluded = _dead_lettered(store, dead, config)
-    report.dead_lettered = len(excluded)
-    replayed = _replay(config, raw, excluded, (from_ms, to_ms), tenant)
+    replayed = _replayed_windows(config, report)
     stored = _stored(config, from_ms, to_ms, tenant)
     report.replayed_events = sum(t.events for t in replayed.values())
     report.stored_events = sum(t.events for t in stored.values())
@@ -355,67 +202,28 @@ def run_verify(
     return report
 
 
-def _dead_lettered(
-    store: S3Store, keys: Sequence[str], config: VerifyConfig
-) -> set[tuple[int, int]]:
-    """(partition, offset) of the records of ``events.raw`` that the stream dead-lettered."""
-    fs = filesystem(store.config)
-    found: set[tuple[int, int]] = set()
-    topic = config.raw_topic
-    for key in keys:
-        try:
-            table = pq.read_table(f"{store.bucket}/{key}", filesystem=fs, columns=["origin"])
-        except OSError as exc:
-            where = f"s3://{store.bucket}/{key}"
-            raise StoreUnavailable(f"S3 failed to read the dead letters {where}: {exc}") from exc
-        found |= dead_letter_origins(table, topic)
-    return found
-
-
-def _replay(
-    config: VerifyConfig,
-    keys: Sequence[str],
-    excluded: set[tuple[int, int]],
-    span: tuple[int, int],
-    tenant: str | None,
-) -> dict[Window, Totals]:
-    if not keys:
-        return {}
-    bucket = config.history.s3.bucket
+def _replayed_windows(config: ReplayConfig, report: VerifyReport) -> dict[Window, Totals]:
     try:
-        dataset = ray.data.read_parquet(
-            [f"{bucket}/{key}" for key in keys],
-            filesystem=filesystem(config.history.s3),
-            columns=_REPLAY_COLUMNS,
-            partitioning=None,  # the rows carry their source; the path adds nothing
-        )
-        rows = dataset.map_batches(
-            ReplayPass,
-            fn_constructor_kwargs={
-                "config": config,
-                "excluded": excluded,
-                "span": span,
-                "tenant": tenant,
-            },
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.concurrency)),
-            num_cpus=0.5,
-        )
+        found = replay(config, report.from_ms, report.to_ms, report.tenant)
+        report.files, report.dead_letter_files = found.files, found.dead_letter_files
+        report.dead_lettered = found.dead_lettered
+        if found.events is None:
+            return {}
         # a window's rows meet in one group: a shuffle, in as many parts as the pool
         keys = ["tenant", "type", "minute"]
-        windows = rows.groupby(keys, num_partitions=max(1, config.concurrency)).map_groups(
-            window_totals, batch_format="pyarrow"
-        )
-        found: dict[Window, Totals] = {}
-        for batch in windows.iter_batches(batch_format="pyarrow"):
-            found.update(windows_of(batch))
-        return found
+        windows = found.events.groupby(keys, num_partitions=max(1, config.concurrency))
+        totals: dict[Window, Totals] = {}
+        for batch in windows.map_groups(window_totals, batch_format="pyarrow").iter_batches(
+            batch_format="pyarrow"
+        ):
+            totals.update(windows_of(batch))
+        return totals
     except ray.exceptions.RayError as exc:
         raise StoreUnavailable(f"the verify job failed: {exc}") from exc
 
 
 def _stored(
-    config: VerifyConfig, from_ms: int, to_ms: int, tenant: str | None
+    config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None
 ) -> dict[Window, Totals]:
     """The same windows of what ClickHouse holds (the history job's rows left out)."""
     history = config.history

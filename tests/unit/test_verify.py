@@ -16,22 +16,14 @@ from core.archive_layout import hours_of_key, source_keys_of
 from core.batch import Runtime
 from core.transforms import parse_transforms
 from data_jobs.history import HistoryConfig
-from data_jobs.verify import (
-    Totals,
-    VerifyConfig,
-    Window,
-    compare,
-    dead_letter_origins,
-    replay_rows,
-    window_totals,
-    windows_of,
-)
+from data_jobs.replay import ReplayConfig, dead_letter_origins, replay_rows
+from data_jobs.verify import Totals, Window, compare, window_totals, windows_of
 from tests.unit.test_history import CONFIG
 
 MIN = 60_000
 T0 = 1_796_400_000_000 - 1_796_400_000_000 % MIN  # a minute's start
 S3 = S3Config("http://127.0.0.1:29000", "us-east-1", "b", "id", "secret")
-VERIFY = VerifyConfig(
+VERIFY = ReplayConfig(
     HistoryConfig(CONFIG, S3, "postgresql://x", "127.0.0.1:1", "dlq", "ns", "owner", "db"),
     "archive",
     "events.raw",
