@@ -1,8 +1,15 @@
-"""S3 (or any S3-compatible server: MinIO, the local moto server) through boto3.
+"""S3 (or any S3-compatible server: MinIO, the local moto server).
 
-:class:`S3Store` is one bucket: a streaming :class:`MultipartWriter` for objects of any
-size, streaming reads, ``head`` and ``delete``. Every driver error, also one raised in
-the middle of a streamed read, is translated into :class:`StoreUnavailable`.
+:class:`S3Store` is one bucket. Objects are read and written through
+``pyarrow.fs.S3FileSystem`` (Arrow's S3 client, the one Ray Data and ``pyarrow.dataset``
+read the archive with): :meth:`S3Store.open` gives a buffered, seekable stream whose
+every buffer fill is one ranged GET, so a reader holds one buffer of the object however
+large it is, and Parquet can read its footer first; :meth:`S3Store.writer` gives a
+:class:`MultipartWriter` that holds at most a part in memory and uploads as it goes.
+The bucket's administration (create it, list keys and folders, ``head``, ``delete``,
+unfinished multipart uploads) goes through boto3, which Arrow's filesystem API does not
+cover. Every driver error, also one raised in the middle of a streamed read, is
+translated into :class:`StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import io
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
@@ -101,10 +109,11 @@ def _client(config: S3Config) -> Any:
     )
 
 
-def filesystem(config: S3Config) -> pafs.S3FileSystem:
+def filesystem(config: S3Config, *, background_writes: bool = True) -> pafs.S3FileSystem:
     """The bucket's server as a ``pyarrow.fs`` filesystem (paths are ``bucket/key``):
     what Ray Data and ``pyarrow.dataset`` read Parquet through, row group by row group
-    with ranged reads."""
+    with ranged reads. Without ``background_writes`` a write returns once its part is
+    uploaded (memory stays at one part)."""
     scheme, endpoint = "https", None
     if config.endpoint:
         parsed = urllib.parse.urlsplit(config.endpoint)
@@ -117,6 +126,7 @@ def filesystem(config: S3Config) -> pafs.S3FileSystem:
         scheme=scheme,
         connect_timeout=5,
         request_timeout=60,
+        background_writes=background_writes,
     )
 
 
@@ -127,6 +137,7 @@ class S3Store:
         self.config = config
         self.bucket = config.bucket
         self._s3 = _client(config)
+        self._fs = filesystem(config, background_writes=False)
 
     def _fail(self, what: str, exc: BaseException) -> StoreUnavailable:
         where = self.config.endpoint or "AWS S3"
@@ -165,37 +176,17 @@ class S3Store:
         except _DRIVER_ERRORS as exc:
             raise self._fail(f"read the metadata of {key!r}", exc) from exc
 
-    def open(self, key: str, *, seekable: bool = False, buffer_bytes: int = 1 << 20) -> BinaryIO:
-        """The object as a buffered binary stream, read from S3 as it is consumed.
-
-        ``seekable`` gives a stream that reads each buffer with a ranged GET, for
-        formats that read their end first (Parquet); else one GET streams it all.
-        """
-        raw: io.RawIOBase
-        if seekable:
-            head = self.head(key)
-            if head is None:
-                raise StoreUnavailable(f"S3 object {key!r} is not in bucket {self.bucket!r}")
-            raw = _RangeReader(self, key, int(head["ContentLength"]))
-        else:
-            try:
-                body = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"]
-            except _DRIVER_ERRORS as exc:
-                raise self._fail(f"open {key!r}", exc) from exc
-            raw = _TranslatingReader(body, lambda exc: self._fail(f"read {key!r}", exc))
-        return io.BufferedReader(raw, buffer_size=buffer_bytes)
-
-    def read_range(self, key: str, start: int, length: int) -> bytes:
-        """``length`` bytes of the object from ``start`` (fewer at its end)."""
-        if length <= 0:
-            return b""
+    def open(self, key: str, *, buffer_bytes: int = 1 << 20) -> BinaryIO:
+        """The object as a buffered, seekable binary stream read from S3 as it is
+        consumed: each buffer fill is one ranged GET of ``buffer_bytes``."""
         try:
-            answer = self._s3.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
-            )
-            return bytes(answer["Body"].read())
-        except _DRIVER_ERRORS as exc:
-            raise self._fail(f"read bytes {start}+{length} of {key!r}", exc) from exc
+            native = self._fs.open_input_file(f"{self.bucket}/{key}")
+        except FileNotFoundError as exc:
+            raise StoreUnavailable(f"S3 object {key!r} is not in bucket {self.bucket!r}") from exc
+        except OSError as exc:
+            raise self._fail(f"open {key!r}", exc) from exc
+        raw = _ArrowReader(native, lambda exc: self._fail(f"read {key!r}", exc))
+        return io.BufferedReader(raw, buffer_size=buffer_bytes)
 
     def delete(self, key: str) -> None:
         try:
@@ -240,37 +231,13 @@ class S3Store:
         return [item["Key"] for item in answer.get("Uploads", [])]
 
 
-class _TranslatingReader(io.RawIOBase):
-    """A raw stream over botocore's body that turns driver errors into StoreUnavailable."""
+class _ArrowReader(io.RawIOBase):
+    """A seekable raw stream over an Arrow S3 file that turns its errors into
+    StoreUnavailable."""
 
-    def __init__(self, body: Any, fail: Any) -> None:
-        self._body = body
+    def __init__(self, native: Any, fail: Callable[[BaseException], StoreUnavailable]) -> None:
+        self._native = native
         self._fail = fail
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            data = self._body.read(len(buffer))
-        except _DRIVER_ERRORS as exc:
-            raise self._fail(exc) from exc
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._body.close()
-        super().close()
-
-
-class _RangeReader(io.RawIOBase):
-    """A seekable raw stream over one object: every read is a ranged GET."""
-
-    def __init__(self, store: S3Store, key: str, size: int) -> None:
-        self._store = store
-        self._key = key
-        self._size = size
-        self._position = 0
 
     def readable(self) -> bool:
         return True
@@ -279,29 +246,32 @@ class _RangeReader(io.RawIOBase):
         return True
 
     def tell(self) -> int:
-        return self._position
+        return int(self._native.tell())
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
-        self._position = max(0, base + offset)
-        return self._position
+        return int(self._native.seek(offset, whence))
 
     def readinto(self, buffer: Any) -> int:
-        length = min(len(buffer), self._size - self._position)
-        data = self._store.read_range(self._key, self._position, length)
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
+        try:
+            return int(self._native.readinto(buffer))
+        except OSError as exc:
+            raise self._fail(exc) from exc
+
+    def close(self) -> None:
+        self._native.close()
+        super().close()
 
 
 class MultipartWriter:
     """Writes one object from chunks of any size, holding at most one part in memory.
 
-    Chunks are buffered until a part of ``part_bytes`` is full; each full part is
-    uploaded as one part of an S3 multipart upload. An object smaller than one part
-    is written with one ``PutObject`` on :meth:`complete`. Nothing is visible under
-    ``key`` until :meth:`complete` returns; :meth:`abort` (also on an exception inside
-    ``with``) discards every part uploaded so far.
+    Chunks are buffered until a part of ``part_bytes`` is full; each full part goes to
+    Arrow's S3 output stream, which uploads it as part of a multipart upload before the
+    write returns (no background writes: memory stays bounded). Nothing is visible under
+    ``key`` until :meth:`complete` returns. :meth:`abort` (also on an exception inside
+    ``with``) drops what was written: Arrow's stream has no abort, so an upload already
+    begun is closed and its object deleted at once (a crash in between leaves an
+    unfinished multipart upload, which the bucket's lifecycle rule removes).
 
     An async caller keeps its event loop free by calling :meth:`feed` (memory only) and
     running :meth:`upload_ready` in a thread when :attr:`ready` says a part is full.
@@ -313,12 +283,11 @@ class MultipartWriter:
         self.key = key
         self.size = 0
         self._store = store
-        self._s3 = store._s3
         self._content_type = content_type
         self._part_bytes = part_bytes
         self._buffer = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
+        self._stream: Any = None
+        self._parts = 0
         self._finished = False
 
     def __enter__(self) -> MultipartWriter:
@@ -346,67 +315,41 @@ class MultipartWriter:
         while len(self._buffer) >= self._part_bytes:
             part = bytes(self._buffer[: self._part_bytes])
             del self._buffer[: self._part_bytes]
-            self._upload_part(part)
+            self._send(part, f"upload part {self._parts + 1} of {self.key!r}")
 
-    def _upload_part(self, data: bytes) -> None:
-        bucket = self._store.bucket
+    def _send(self, data: bytes, what: str) -> None:
         try:
-            if self._upload_id is None:
-                created = self._s3.create_multipart_upload(
-                    Bucket=bucket, Key=self.key, ContentType=self._content_type
+            if self._stream is None:
+                self._stream = self._store._fs.open_output_stream(
+                    f"{self._store.bucket}/{self.key}",
+                    metadata={"Content-Type": self._content_type},
                 )
-                self._upload_id = str(created["UploadId"])
-            number = len(self._parts) + 1
-            answer = self._s3.upload_part(
-                Bucket=bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=data
-            )
-        except _DRIVER_ERRORS as exc:
+            self._stream.write(data)
+        except OSError as exc:
             self.abort()
-            raise self._store._fail(
-                f"upload part {len(self._parts) + 1} of {self.key!r}", exc
-            ) from exc
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            raise self._store._fail(what, exc) from exc
+        self._parts += 1
 
     def complete(self) -> int:
         """Upload what is left and make the object visible; return its size in bytes."""
-        bucket = self._store.bucket
-        if self._upload_id is None:
-            try:
-                self._s3.put_object(
-                    Bucket=bucket,
-                    Key=self.key,
-                    Body=bytes(self._buffer),
-                    ContentType=self._content_type,
-                )
-            except _DRIVER_ERRORS as exc:
-                raise self._store._fail(f"write {self.key!r}", exc) from exc
-        else:
-            if self._buffer:
-                self._upload_part(bytes(self._buffer))
-            try:
-                self._s3.complete_multipart_upload(
-                    Bucket=bucket,
-                    Key=self.key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-            except _DRIVER_ERRORS as exc:
-                self.abort()
-                raise self._store._fail(f"complete {self.key!r}", exc) from exc
+        self._send(bytes(self._buffer), f"write {self.key!r}")
         self._buffer.clear()
+        stream, self._stream = self._stream, None
+        try:
+            stream.close()
+        except OSError as exc:
+            self._finished = True
+            raise self._store._fail(f"complete {self.key!r}", exc) from exc
         self._finished = True
         return self.size
 
     def abort(self) -> None:
-        """Discard every uploaded part. Never raises: it runs while another error unwinds."""
+        """Drop what was written. Never raises: it runs while another error unwinds."""
         self._buffer.clear()
         self._finished = True
-        if self._upload_id is None:
+        stream, self._stream = self._stream, None
+        if stream is None:
             return
-        upload_id, self._upload_id = self._upload_id, None
-        # An unfinished upload that cannot be aborted now never becomes a visible
-        # object; the bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes it.
-        with contextlib.suppress(*_DRIVER_ERRORS):
-            self._s3.abort_multipart_upload(
-                Bucket=self._store.bucket, Key=self.key, UploadId=upload_id
-            )
+        with contextlib.suppress(OSError, StoreUnavailable):
+            stream.close()
+            self._store.delete(self.key)

@@ -264,8 +264,8 @@ class _Job:
         historical = upload.rows_historical
         history = self.config.history
         try:
-            seekable = upload.format == "parquet"  # Parquet reads its footer first
-            with self.store.open(upload.object_key, seekable=seekable) as stream:
+            # ranged reads as consumed; Parquet seeks to its footer first
+            with self.store.open(upload.object_key) as stream:
                 items = iter_records(upload.format, stream, csv_schema=csv_schema)
                 for group in batches(items, self.config.batch_rows, skip=read):
                     now_ms = int(time.time() * 1000)

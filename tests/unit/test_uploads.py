@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.s3 import MultipartWriter, S3Config, S3Store
 from adapters.uploads import Upload
 from cluster.cli_upload import FileFormat, content_type_for, exit_code, render_status
 from core.formats import RecordError
@@ -117,97 +116,6 @@ def test_batches_resume_after_the_rows_already_published(
     assert [len(g) for g in groups] == expected
     if groups:
         assert groups[0][0] == (skip, {})
-
-
-class FakeS3:
-    """The part of boto3's S3 client that MultipartWriter uses, in memory."""
-
-    def __init__(self, fail_on_part: int | None = None) -> None:
-        self.objects: dict[str, bytes] = {}
-        self.parts: dict[str, list[bytes]] = {}
-        self.aborted: list[str] = []
-        self.fail_on_part = fail_on_part
-
-    def create_multipart_upload(self, **kw: Any) -> dict[str, str]:
-        self.parts["up-1"] = []
-        return {"UploadId": "up-1"}
-
-    def upload_part(self, **kw: Any) -> dict[str, str]:
-        if kw["PartNumber"] == self.fail_on_part:
-            raise OSError("connection reset")
-        self.parts[kw["UploadId"]].append(kw["Body"])
-        return {"ETag": f"e{kw['PartNumber']}"}
-
-    def complete_multipart_upload(self, **kw: Any) -> None:
-        numbers = [p["PartNumber"] for p in kw["MultipartUpload"]["Parts"]]
-        assert numbers == list(range(1, len(numbers) + 1))
-        self.objects[kw["Key"]] = b"".join(self.parts.pop(kw["UploadId"]))
-
-    def put_object(self, **kw: Any) -> None:
-        self.objects[kw["Key"]] = kw["Body"]
-
-    def abort_multipart_upload(self, **kw: Any) -> None:
-        self.aborted.append(kw["UploadId"])
-        self.parts.pop(kw["UploadId"], None)
-
-
-def _store(fake: FakeS3) -> S3Store:
-    store = S3Store(S3Config("http://127.0.0.1:1", "us-east-1", "b", "k", "s"))
-    store._s3 = fake
-    return store
-
-
-@pytest.mark.parametrize(
-    ("chunks", "part", "expected_parts"),
-    [
-        ([b"abc"], 4, None),  # smaller than a part: one PutObject
-        ([b"ab", b"cdef", b"ghij", b"k"], 4, [4, 4, 3]),
-        ([b"abcdefgh"], 4, [4, 4]),
-    ],
-)
-def test_writer_uploads_full_parts_and_the_rest(
-    chunks: list[bytes], part: int, expected_parts: list[int] | None
-) -> None:
-    fake = FakeS3()
-    seen: list[int] = []
-    original = fake.upload_part
-
-    def counting(**kw: Any) -> dict[str, str]:
-        seen.append(len(kw["Body"]))
-        return original(**kw)
-
-    fake.upload_part = counting  # type: ignore[method-assign]
-    with MultipartWriter(_store(fake), "k", "text/csv", part_bytes=part) as writer:
-        for chunk in chunks:
-            writer.write(chunk)
-        size = writer.complete()
-    assert fake.objects["k"] == b"".join(chunks)
-    assert size == len(b"".join(chunks))
-    assert seen == (expected_parts or [])
-    assert not fake.aborted
-
-
-def test_writer_aborts_when_a_part_fails_and_when_the_caller_fails() -> None:
-    from adapters.exceptions import StoreUnavailable
-
-    fake = FakeS3(fail_on_part=2)
-    writer = MultipartWriter(_store(fake), "k", "text/csv", part_bytes=2)
-    with pytest.raises(StoreUnavailable, match="upload part 2"):
-        writer.write(b"abcdef")
-    assert fake.aborted == ["up-1"]
-    assert "k" not in fake.objects
-
-    fake = FakeS3()
-
-    def interrupted() -> None:
-        with MultipartWriter(_store(fake), "k", "x", part_bytes=2) as w:
-            w.write(b"abcd")
-            raise RuntimeError("the client went away")
-
-    with pytest.raises(RuntimeError):
-        interrupted()
-    assert fake.aborted == ["up-1"]
-    assert "k" not in fake.objects
 
 
 @pytest.mark.parametrize(
