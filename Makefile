@@ -69,6 +69,7 @@ BENCH_MEMORY_SECONDS ?= 90
 BENCH_MEMORY_RATE ?= 20000
 BENCH_INGEST_SECONDS ?= 4
 BENCH_QUERY_ARGS ?= --events 2000000 --requests 30 --reference-runs 3
+BENCH_BATCH_ARGS ?= --events 200000 --upload-rows 20000
 else
 BENCH_PROC_EVENTS ?= $(or $(EVENTS),1000000)
 BENCH_RATE ?= $(or $(RATE),50000)
@@ -77,6 +78,7 @@ BENCH_MEMORY_SECONDS ?= 600
 BENCH_MEMORY_RATE ?= $(or $(MEMORY_RATE),30000)
 BENCH_INGEST_SECONDS ?= $(or $(INGEST_SECONDS),15)
 BENCH_QUERY_ARGS ?= --events $(or $(QUERY_EVENTS),100000000) --requests 100 --clients 4
+BENCH_BATCH_ARGS ?= --events 1000000 --upload-rows 200000
 endif
 BENCH_LOG = .state/bench/bench-$(shell date -u +%Y%m%dT%H%M%SZ).log
 # One benchmark module: run it when present, note a failure and go on ($(3): settings
@@ -89,7 +91,7 @@ else echo "=== benchmarks.$(1) is not in this checkout: skipped"; fi;
 endef
 
 bench: export RAYLINE_CLICKHOUSE__DIMENSIONS ?= ["region"]
-bench: setup  ## every figure of issue 13 next to its reference from the same run: processing (in-process and deployed) next to a bare consumer, worker RSS drift, ingest next to bare Starlette and a Serve hello-world, queries next to the engine alone and a hello-world (QUICK=1: a few minutes; stack started and stopped)
+bench: setup  ## every figure of issue 13 next to its reference from the same run: processing (in-process and deployed) next to a bare consumer, worker RSS drift, ingest next to bare Starlette and a Serve hello-world, queries next to the engine alone and a hello-world, batch jobs next to pyarrow.dataset (QUICK=1: a few minutes; stack started and stopped)
 	@mkdir -p .state/bench
 	$(BIN)/rayline up >/dev/null
 	@log=$(BENCH_LOG); status=0; { \
@@ -98,10 +100,11 @@ bench: setup  ## every figure of issue 13 next to its reference from the same ru
 	  $(call bench_module,pipeline,--seconds $(BENCH_MEMORY_SECONDS) --rate $(BENCH_MEMORY_RATE),RAYLINE_PIPELINE__DEDUP_HORIZON_SECONDS=60) \
 	  $(call bench_module,ingest,--seconds $(BENCH_INGEST_SECONDS)) \
 	  $(call bench_module,query,$(BENCH_QUERY_ARGS)) \
+	  $(call bench_module,batch,$(BENCH_BATCH_ARGS)) \
 	  echo "=== status $$status"; \
 	} 2>&1 | tee $$log; \
 	echo; echo "summary ($$log):"; \
-	grep -aE "^===|ratio|reference|target|met$$|hello-world|RSS|drift|within" $$log | grep -av "^=== .*python -m"; \
+	grep -aE "^===|ratio|reference|target|met$$|hello-world|RSS|drift|within|rows/s" $$log | grep -av "^=== .*python -m"; \
 	$(BIN)/rayline down >/dev/null; grep -q "^=== status 0" $$log
 
 docs: setup  ## regenerate docs/configuration.md from the settings object

@@ -45,6 +45,7 @@ from data_jobs.history import HISTORY_PARTITION, HistoryConfig
 
 MINUTE_MS = 60_000
 DEAD_LETTER_LOOKBACK_MS = 3_600_000
+REPLAY_BATCH_ROWS = 20_000
 EVENT_KEY = ["tenant", "type", "ts", "source", "event_id"]
 """The raw events table's key: rows equal on it are one event."""
 EVENT_SCHEMA = pa.schema(
@@ -115,6 +116,8 @@ def replay(config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None = 
             "tenant": tenant,
         },
         batch_format="pyarrow",
+        # the stream's pass has a cost per call: batches of a consumer poll's size
+        batch_size=REPLAY_BATCH_ROWS,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.concurrency)),
         num_cpus=0.5,
     )
