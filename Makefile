@@ -45,7 +45,7 @@ unit: setup  ## pure-logic tests: no Ray, no servers
 	$(BIN)/pytest tests/unit -q
 
 integration: setup  ## tests and the attack suite against the real local stack (started and stopped here)
-	$(BIN)/pytest tests/integration tests/security -q; status=$$?; $(BIN)/rayline down >/dev/null 2>&1 || true; exit $$status
+	$(BIN)/pytest tests/integration tests/security -q --durations=15; status=$$?; $(BIN)/rayline down >/dev/null 2>&1 || true; exit $$status
 
 test: lint unit integration  ## everything CI runs
 
