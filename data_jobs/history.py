@@ -153,7 +153,16 @@ class HistoryConfig:
     redis_url: str | None = None
     enrichment_ttl_ms: int = 30_000
     rules_refresh_ms: int = 5_000
-    concurrency: int = 2
+    concurrency: int | None = None
+    """Actors of the job's pass at most (None: the cluster's CPUs when the job starts)."""
+
+
+def job_concurrency(configured: int | None) -> int:
+    """How many actors a batch job's pass runs (and how many parts its shuffles make):
+    ``configured``, else the connected cluster's CPUs, so that a job scales with it."""
+    if configured is not None:
+        return max(1, configured)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 class HistoryPass:
@@ -289,7 +298,7 @@ def run_history(config: HistoryConfig, keys: Sequence[str]) -> HistoryResult:
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=max(1, min(config.concurrency, len(keys)))
+            min_size=1, max_size=min(job_concurrency(config.concurrency), len(keys))
         ),
         # The job runs inside an upload task that holds a CPU while it waits: actors
         # asking for one more would wait for ever once uploads hold every CPU (two

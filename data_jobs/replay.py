@@ -41,7 +41,7 @@ from adapters.s3 import S3Store, filesystem
 from core.archive_layout import UNKNOWN_SOURCE, Kind, hours_of_key, source_keys_of
 from core.batch import Runtime, process_batch, raw_event_rows
 from core.partition_state import PartitionState, RecordRef
-from data_jobs.history import HISTORY_PARTITION, HistoryConfig
+from data_jobs.history import HISTORY_PARTITION, HistoryConfig, job_concurrency
 
 MINUTE_MS = 60_000
 DEAD_LETTER_LOOKBACK_MS = 3_600_000
@@ -71,7 +71,8 @@ class ReplayConfig:
     history: HistoryConfig  # the stream's processing and where the stores are
     archive_prefix: str
     raw_topic: str
-    concurrency: int = 2
+    concurrency: int | None = None
+    """Actors of the pass, parts of the shuffles (None: the cluster's CPUs at the start)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,9 @@ def replay(config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None = 
         batch_format="pyarrow",
         # the stream's pass has a cost per call: batches of a consumer poll's size
         batch_size=REPLAY_BATCH_ROWS,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.concurrency)),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=1, max_size=job_concurrency(config.concurrency)
+        ),
         num_cpus=0.5,
     )
     return Replay(events, len(raw), len(dead), len(excluded))

@@ -32,6 +32,7 @@ import ray
 
 from adapters.exceptions import StoreUnavailable
 from core.query_plan import utc_datetime
+from data_jobs.history import job_concurrency
 from data_jobs.replay import EVENT_KEY, ReplayConfig, replay
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ def run_sessions(
         report.files, report.dead_lettered = found.files, found.dead_lettered
         if found.events is not None:
             compute = _with_spark if engine == "spark" else _with_ray
-            report.table = in_order(compute(found.events, gap_ms, config.concurrency))
+            report.table = in_order(
+                compute(found.events, gap_ms, job_concurrency(config.concurrency))
+            )
     except ray.exceptions.RayError as exc:
         raise StoreUnavailable(f"the sessions job failed: {exc}") from exc
     table = report.table
@@ -193,7 +196,7 @@ def run_sessions(
 
 def _with_ray(events: ray.data.Dataset, gap_ms: int, concurrency: int) -> pa.Table:
     # an entity's rows meet in one group: a shuffle, in as many parts as the pool
-    groups = events.groupby(["tenant", "entity"], num_partitions=max(1, concurrency))
+    groups = events.groupby(["tenant", "entity"], num_partitions=concurrency)
     found = groups.map_groups(partial(sessionise, gap_ms=gap_ms), batch_format="pyarrow")
     return _collected(found)
 
@@ -202,7 +205,7 @@ def _with_spark(events: ray.data.Dataset, gap_ms: int, concurrency: int) -> pa.T
     from data_jobs.spark_bridge import spark_on_ray
     from data_jobs.spark_sessions import sessions
 
-    with spark_on_ray("rayline-sessions", shuffle_partitions=max(1, concurrency)) as spark:
+    with spark_on_ray("rayline-sessions", shuffle_partitions=concurrency) as spark:
         frame = events.to_spark(spark)  # through the object store, no file between
         # collected before the session stops: its blocks belong to Spark's actors
         return _collected(ray.data.from_spark(sessions(frame, gap_ms)))

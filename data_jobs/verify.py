@@ -39,7 +39,7 @@ import ray
 
 from adapters.exceptions import StoreUnavailable
 from core.query_plan import utc_datetime
-from data_jobs.history import HISTORY_PARTITION
+from data_jobs.history import HISTORY_PARTITION, job_concurrency
 from data_jobs.replay import EVENT_KEY, ReplayConfig, replay
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _replayed_windows(config: ReplayConfig, report: VerifyReport) -> dict[Window
             return {}
         # a window's rows meet in one group: a shuffle, in as many parts as the pool
         keys = ["tenant", "type", "minute"]
-        windows = found.events.groupby(keys, num_partitions=max(1, config.concurrency))
+        windows = found.events.groupby(keys, num_partitions=job_concurrency(config.concurrency))
         totals: dict[Window, Totals] = {}
         for batch in windows.map_groups(window_totals, batch_format="pyarrow").iter_batches(
             batch_format="pyarrow"

@@ -140,6 +140,15 @@ def test_the_pyspark_job_on_ray_and_ray_data_cut_the_same_sessions_and_the_api_s
 
     assert same(served(), expected)
     assert served(api_key(stack, f"t-{uuid.uuid4().hex[:12]}")) == []  # others see none
-    # A second run replaces the range's sessions: none is stored twice.
-    sessions(tenant, start, end, "--engine", "ray")
+    # Again as a Ray job (the Ray Jobs API), Spark in the job's driver: the run replaces
+    # the range's sessions, none is stored twice.
+    job = f"sessions-{tenant}"
+    submitted = rayline(
+        "jobs", "submit", "--id", job, "--", "rayline", "sessions", "--from", iso(start),
+        "--to", iso(end), "--tenant", tenant, "--gap", "5m", "--engine", "spark",
+        timeout=400,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert f"{job}: SUCCEEDED" in submitted.stderr
+    assert f"{len(expected)} session(s) of 3 entit(ies)" in submitted.stdout
     assert same(served(), expected)
