@@ -142,6 +142,10 @@ def check(text: str, database: str) -> Checked:
         raise SqlRefused(f"the statement could not be parsed: {_first_line(exc)}") from exc
     except RecursionError as exc:
         raise SqlRefused("the statement is nested too deeply") from exc
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        # sqlglot's own bugs on malformed text (``MAP(0`` raises IndexError in 30.x):
+        # still a refusal, never a 500
+        raise SqlRefused(f"the statement could not be parsed ({type(exc).__name__})") from exc
     statements = [p for p in parsed if p is not None]
     if len(statements) != 1:
         raise SqlRefused(

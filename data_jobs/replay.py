@@ -38,7 +38,7 @@ import ray
 from adapters.archive import read_manifest
 from adapters.exceptions import StoreUnavailable
 from adapters.s3 import S3Store, filesystem
-from core.archive_layout import UNKNOWN_SOURCE, Kind, hours_of_key, source_keys_of
+from core.archive_layout import UNKNOWN_SOURCE, HourDir, Kind, hours_of_key, source_keys_of
 from core.batch import Runtime, process_batch, raw_event_rows
 from core.partition_state import PartitionState, RecordRef
 from data_jobs.history import HISTORY_PARTITION, HistoryConfig, job_concurrency
@@ -96,17 +96,19 @@ def replay(config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None = 
     """
     store = S3Store(config.history.s3)
     root = config.archive_prefix
-    raw = archive_files(store, root, "raw", from_ms, to_ms)
+    raw = archive_read(store, root, from_ms, to_ms)
     now_ms = int(time.time() * 1000)
     dead = archive_files(store, root, "dlq", from_ms - DEAD_LETTER_LOOKBACK_MS, now_ms)
     excluded = _dead_lettered(store, dead, config.raw_topic)
-    if not raw:
+    if not raw.files:
         return Replay(None, 0, len(dead), len(excluded))
     dataset = ray.data.read_parquet(
-        [f"{store.bucket}/{key}" for key in raw],
+        raw.directories,
         filesystem=filesystem(config.history.s3),
         columns=_ARCHIVE_COLUMNS,
         partitioning=None,  # the rows carry their source; the path adds nothing
+        file_extensions=["parquet"],
+        skip_paths=raw.skip or None,
     )
     events = dataset.map_batches(
         ReplayPass,
@@ -124,7 +126,7 @@ def replay(config: ReplayConfig, from_ms: int, to_ms: int, tenant: str | None = 
         ),
         num_cpus=0.5,
     )
-    return Replay(events, len(raw), len(dead), len(excluded))
+    return Replay(events, raw.files, len(dead), len(excluded))
 
 
 def dead_letter_origins(table: pa.Table, topic: str) -> set[tuple[int, int]]:
@@ -141,17 +143,53 @@ def dead_letter_origins(table: pa.Table, topic: str) -> set[tuple[int, int]]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class ArchiveRead:
+    """What Ray Data reads of the raw archive for a range: whole hour directories (a
+    LIST each gives every file's size; a list of files is looked up file by file), less
+    ``skip``: their files that no manifest lists (left by an interrupted write) or that
+    hold no row of the range. Paths are ``bucket/key``."""
+
+    directories: list[str]
+    skip: list[str]
+    files: int  # the files read
+
+
+def archive_read(store: S3Store, root: str, from_ms: int, to_ms: int) -> ArchiveRead:
+    """The raw archive's directories and skipped files for ``[from_ms, to_ms)``, of
+    every source but ``_unknown``."""
+    directories: list[str] = []
+    skip: list[str] = []
+    files = 0
+    for directory in _hour_dirs(store, root, "raw", from_ms, to_ms):
+        manifest = read_manifest(store, root, directory)
+        wanted = {f.key for f in manifest.files if f.max_ts >= from_ms and f.min_ts < to_ms}
+        if not wanted:
+            continue
+        prefix = directory.prefix(root)
+        directories.append(f"{store.bucket}/{prefix.rstrip('/')}")
+        listed = [key for key in store.all_keys(prefix) if key.endswith(".parquet")]
+        skip += [f"{store.bucket}/{key}" for key in listed if key not in wanted]
+        files += len(wanted)
+    return ArchiveRead(directories, skip, files)
+
+
+def _hour_dirs(store: S3Store, root: str, kind: Kind, from_ms: int, to_ms: int) -> list[HourDir]:
+    base = f"{root.strip('/')}/{kind}/" if root.strip("/") else f"{kind}/"
+    found: list[HourDir] = []
+    for source in source_keys_of(store.folders(base)):
+        if source != UNKNOWN_SOURCE:
+            found += hours_of_key(kind, source, from_ms, to_ms)
+    return found
+
+
 def archive_files(store: S3Store, root: str, kind: Kind, from_ms: int, to_ms: int) -> list[str]:
     """Keys of the files that manifests list with rows in ``[from_ms, to_ms)``, of every
     source but ``_unknown``."""
-    base = f"{root.strip('/')}/{kind}/" if root.strip("/") else f"{kind}/"
     keys: list[str] = []
-    for source in source_keys_of(store.folders(base)):
-        if source == UNKNOWN_SOURCE:
-            continue
-        for directory in hours_of_key(kind, source, from_ms, to_ms):
-            manifest = read_manifest(store, root, directory)
-            keys += [f.key for f in manifest.files if f.max_ts >= from_ms and f.min_ts < to_ms]
+    for directory in _hour_dirs(store, root, kind, from_ms, to_ms):
+        manifest = read_manifest(store, root, directory)
+        keys += [f.key for f in manifest.files if f.max_ts >= from_ms and f.min_ts < to_ms]
     return keys
 
 

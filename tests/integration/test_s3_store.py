@@ -9,9 +9,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from adapters.archive import ArchiveWriter, KafkaRecord
 from adapters.exceptions import StoreUnavailable
 from adapters.s3 import MultipartWriter, S3Config, S3Store
 from cluster.settings import Settings
+from data_jobs.replay import archive_read
 
 MB = 1024 * 1024
 
@@ -98,3 +100,34 @@ def test_a_write_that_fails_midway_leaves_no_object_and_no_unfinished_upload(
     never.write(b"abc")
     never.abort()  # before a part: nothing was sent at all
     assert store.keys(prefix) == []
+
+
+def test_the_replay_reads_hour_directories_less_the_files_no_manifest_lists(
+    store: S3Store, prefix: str
+) -> None:
+    root = prefix.rstrip("/")
+    hour = 1_796_400_000_000 - 1_796_400_000_000 % 3_600_000
+    records = [
+        KafkaRecord(
+            "events.raw", partition, offset, None,
+            b'{"event_id": "e%d", "source": "web", "tenant": "t", "type": "v", "ts": %d}'
+            % (offset, hour + offset * 60_000),
+            [], hour,
+        )
+        for partition in (0, 1) for offset in range(3)
+    ]  # fmt: skip
+    ArchiveWriter(store, root, ["events.dlq"]).write(records)
+    directory = f"{root}/raw/source=web/date=2026-12-04/hour="
+    (listed_dir,) = {key.rsplit("/", 1)[0] for key in store.all_keys(directory)}
+    orphan = f"{listed_dir}/events.raw-p7-0-9.parquet"  # an interrupted write's file
+    with store.writer(orphan) as writer:
+        writer.write(b"PAR1")
+        writer.complete()
+
+    found = archive_read(store, root, hour, hour + 3_600_000)
+    assert found.directories == [f"{store.bucket}/{listed_dir}"]
+    assert found.files == 2
+    assert found.skip == [f"{store.bucket}/{orphan}"]
+    # a range that only the first minute's rows fall in still reads both files
+    assert archive_read(store, root, hour, hour + 60_000).files == 2
+    assert archive_read(store, root, hour + 3_600_000, hour + 7_200_000).files == 0
