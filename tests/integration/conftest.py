@@ -17,10 +17,13 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 import orjson
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from adapters.kafka import end_offsets
+from adapters.s3 import S3Config, S3Store, filesystem
 from adapters.sources import SourceCatalog
 from cluster import local_secrets
 from cluster.processes import port_open
@@ -34,6 +37,8 @@ RAYLINE = Path(sys.executable).parent / "rayline"
 local_secrets.ensure(load_settings().paths.state_dir)
 local_secrets.export_ray_environment(load_settings())
 import ray  # noqa: E402  (after its auth environment, which it reads on import)
+
+from data_jobs.replay import archive_files  # noqa: E402  (imports ray)
 
 T = TypeVar("T")
 
@@ -286,3 +291,17 @@ def read_matching(
         return kept
     finally:
         consumer.close()
+
+
+def archived_events(settings: Settings, tenant: str, from_ms: int, to_ms: int) -> int:
+    """Rows of ``tenant`` that the archive's manifests list in ``[from_ms, to_ms)``: a
+    cheap wait for the archiver before a job that replays the archive."""
+    store = S3Store(S3Config.of(settings.s3))
+    fs = filesystem(store.config)
+    found = 0
+    for key in archive_files(store, settings.archive.prefix, "raw", from_ms, to_ms):
+        table = pq.read_table(f"{store.bucket}/{key}", filesystem=fs, columns=["tenant", "ts"])
+        ts = pc.cast(table["ts"], "int64")
+        inside = pc.and_(pc.equal(table["tenant"], tenant), pc.greater_equal(ts, from_ms))
+        found += int(pc.sum(pc.and_(inside, pc.less(ts, to_ms))).as_py() or 0)
+    return found
