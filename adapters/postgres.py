@@ -333,6 +333,25 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE uploads ADD COLUMN IF NOT EXISTS history_stored bigint NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        7,
+        # An upload read in parts by parallel tasks (NDJSON byte ranges, Parquet row
+        # groups; data_jobs/upload_parts.py): the plan, fixed at the first run, and how
+        # far each part got, so that a retried job resumes every part where it stopped.
+        """
+        CREATE TABLE IF NOT EXISTS upload_parts (
+            upload_id text NOT NULL REFERENCES uploads (id) ON DELETE CASCADE,
+            part integer NOT NULL,
+            start_at bigint NOT NULL,
+            end_at bigint,
+            first_index bigint NOT NULL,
+            first_line bigint NOT NULL,
+            rows_read bigint NOT NULL DEFAULT 0,
+            done boolean NOT NULL DEFAULT false,
+            PRIMARY KEY (upload_id, part)
+        );
+        """,
+    ),
 )
 
 

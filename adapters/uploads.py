@@ -38,7 +38,28 @@ class Upload:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class UploadPart:
+    """One part of an upload read by its own task, and how far it got.
+
+    For NDJSON ``start``/``end`` are byte offsets (``end`` None: to the end of the file),
+    for Parquet row group numbers; ``first_index`` records (and for NDJSON
+    ``first_line - 1`` lines) of the file come before the part.
+    """
+
+    part: int
+    start: int
+    end: int | None
+    first_index: int
+    first_line: int = 1
+    rows_read: int = 0
+    done: bool = False
+
+
 _COLUMNS = ", ".join(Upload.__dataclass_fields__)
+_PART_COLUMNS = (
+    'part, start_at AS "start", end_at AS "end", first_index, first_line, rows_read, done'
+)
 
 
 def _upload(row: Any) -> Upload:
@@ -90,6 +111,77 @@ class UploadTable(AsyncStore):
             accepted,
             rejected,
             historical,
+        )
+
+    async def plan_parts(self, upload_id: str, parts: list[UploadPart]) -> list[UploadPart]:
+        """Store the plan of the upload's parts unless one is stored (a retried job keeps
+        the first run's plan and progress); return the stored plan."""
+        await self._run(
+            "execute",
+            "INSERT INTO upload_parts (upload_id, part, start_at, end_at, first_index, "
+            "first_line) SELECT $1, * FROM unnest($2::int[], $3::bigint[], $4::bigint[], "
+            "$5::bigint[], $6::bigint[]) "
+            "WHERE NOT EXISTS (SELECT 1 FROM upload_parts WHERE upload_id = $1)",
+            upload_id,
+            [p.part for p in parts],
+            [p.start for p in parts],
+            [p.end for p in parts],
+            [p.first_index for p in parts],
+            [p.first_line for p in parts],
+        )
+        return await self.parts(upload_id)
+
+    async def parts(self, upload_id: str) -> list[UploadPart]:
+        """The upload's parts in order (none when it is read in one pass)."""
+        rows = await self._run(
+            "fetch",
+            f"SELECT {_PART_COLUMNS} FROM upload_parts WHERE upload_id = $1 ORDER BY part",
+            upload_id,
+        )
+        return [UploadPart(**dict(row)) for row in rows]
+
+    async def part_counts(self, upload_id: str) -> tuple[int, int]:
+        """(parts, parts done) of the upload; (0, 0) when it is read in one pass."""
+        row = await self._run(
+            "fetchrow",
+            "SELECT count(*) AS total, count(*) FILTER (WHERE done) AS done "
+            "FROM upload_parts WHERE upload_id = $1",
+            upload_id,
+        )
+        return int(row["total"]), int(row["done"])
+
+    async def part_progress(
+        self,
+        upload_id: str,
+        part: int,
+        rows_read: int,
+        counts: tuple[int, int, int, int],
+    ) -> None:
+        """Move a part from ``rows_read - counts[0]`` to ``rows_read`` (its own rows) and
+        add ``counts`` (read, accepted, rejected, historical) to the upload's counters, in
+        one statement: parts written at once by parallel tasks add up, and a part's
+        position and the totals agree. A part found elsewhere (a repeated statement, a
+        task re-running rows counted already) moves nothing and adds nothing."""
+        await self._run(
+            "execute",
+            "WITH moved AS (UPDATE upload_parts SET rows_read = $3 "
+            "WHERE upload_id = $1 AND part = $2 AND rows_read = $3::bigint - $4::bigint "
+            "RETURNING 1) "
+            "UPDATE uploads SET rows_read = rows_read + $4, rows_accepted = rows_accepted + $5, "
+            "rows_rejected = rows_rejected + $6, rows_historical = rows_historical + $7, "
+            "updated_at = now() WHERE id = $1 AND EXISTS (SELECT 1 FROM moved)",
+            upload_id,
+            part,
+            rows_read,
+            *counts,
+        )
+
+    async def part_done(self, upload_id: str, part: int) -> None:
+        await self._run(
+            "execute",
+            "UPDATE upload_parts SET done = true WHERE upload_id = $1 AND part = $2",
+            upload_id,
+            part,
         )
 
     async def history_done(self, upload_id: str, written: int, stored: int) -> None:

@@ -66,6 +66,9 @@ def render_status(body: dict[str, Any]) -> str:
         f"upload {body['id']}: {body['state']} · {body['rows_read']:,} rows read · "
         f"{body['rows_accepted']:,} accepted · {body['rows_rejected']:,} rejected"
     )
+    parts = body.get("parts")
+    if parts:
+        line += f" · parts {parts['done']}/{parts['total']} done"
     historical = body.get("rows_historical") or 0
     if historical:
         line += (

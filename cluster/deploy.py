@@ -299,6 +299,7 @@ def uploads_config(settings: Settings) -> UploadsConfig:
         dlq_topic=settings.kafka.dlq_topic,
         redis_url=settings.redis.url(),
         history=history_config(settings, s3),
+        part_bytes=settings.ingest.upload_part_bytes,
     )
     return UploadsConfig(
         dsn=settings.postgres.dsn(),

@@ -317,6 +317,13 @@ class IngestSettings(_Part):
     sources_refresh_seconds: float = Field(
         5.0, gt=0, description="How often source actors (pollers) re-read their sources."
     )
+    upload_part_bytes: int = Field(
+        64 << 20,
+        ge=64 << 10,
+        description="An NDJSON or Parquet upload is read in parts of about this many bytes "
+        "(Parquet: of uncompressed row groups), one Ray task each, as many at once as the "
+        "cluster has CPUs. CSV, JSON and Avro files are read in one pass.",
+    )
 
 
 class PollingSettings(_Part):

@@ -238,27 +238,32 @@ def _iter_json(stream: BinaryIO) -> Iterator[Item]:
 # ----------------------------------------------------------------------------- lines
 
 
-def _lines(stream: BinaryIO) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number from 1, line, whether it was cut at MAX_LINE_BYTES) without the rest."""
-    number = 0
+def _lines(stream: BinaryIO, first_number: int = 1) -> Iterator[tuple[int, bytes, bool, int]]:
+    """(line number, line, whether it was cut at MAX_LINE_BYTES, bytes it took in the
+    stream) without the rest of a cut line; a BOM is dropped from line 1 only."""
+    number = first_number - 1
     while True:
         line = stream.readline(MAX_LINE_BYTES + 1)
         if not line:
             return
         number += 1
+        size = len(line)
         if number == 1 and line.startswith(_BOM):
             line = line[len(_BOM) :]
         too_long = len(line) > MAX_LINE_BYTES and not line.endswith(b"\n")
         while too_long:  # skip the rest of the line in bounded steps
             rest = stream.readline(MAX_LINE_BYTES)
+            size += len(rest)
             if not rest or rest.endswith(b"\n"):
                 break
-        yield number, line, too_long
+        yield number, line, too_long, size
 
 
-def _iter_ndjson(stream: BinaryIO) -> Iterator[Item]:
-    index = 0
-    for number, line, too_long in _lines(stream):
+def _ndjson_items(
+    lines: Iterator[tuple[int, bytes, bool, int]], first_index: int = 0
+) -> Iterator[Item]:
+    index = first_index
+    for number, line, too_long, _ in lines:
         if not line.strip():
             continue
         if too_long:
@@ -278,6 +283,61 @@ def _iter_ndjson(stream: BinaryIO) -> Iterator[Item]:
                     _bounded(line.rstrip(b"\r\n")),
                 )
         index += 1
+
+
+def _iter_ndjson(stream: BinaryIO) -> Iterator[Item]:
+    return _ndjson_items(_lines(stream))
+
+
+@dataclass(frozen=True, slots=True)
+class ByteRange:
+    """The lines of an NDJSON file that start in bytes ``[start, end)``, and where they
+    stand in the whole file: ``first_index`` records and ``first_line - 1`` lines (blank
+    ones included) come before them. ``end`` None reads to the end of the file."""
+
+    start: int
+    end: int | None
+    first_index: int = 0
+    first_line: int = 1
+
+
+def _range_lines(stream: BinaryIO, span: ByteRange) -> Iterator[tuple[int, bytes, bool, int]]:
+    """The lines of ``span`` in a seekable stream: a line belongs to the range its first
+    byte is in, so ranges that meet at any bytes split a file without loss or overlap."""
+    position = _first_line_start(stream, span.start)
+    for line in _lines(stream, span.first_line):  # line 1 (and its BOM) only at byte 0
+        if span.end is not None and position >= span.end:
+            return
+        position += line[3]
+        yield line
+
+
+def _first_line_start(stream: BinaryIO, at: int) -> int:
+    """Seek to the first line that starts at or after byte ``at``; return its offset."""
+    if at == 0:
+        stream.seek(0)
+        return 0
+    position = stream.seek(at - 1)  # a newline at at-1 means a line starts at at
+    while True:
+        chunk = stream.readline(MAX_LINE_BYTES)
+        position += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return position
+
+
+def ndjson_range(stream: BinaryIO, span: ByteRange) -> Iterator[Item]:
+    """The records of the lines of ``span`` (see :class:`ByteRange`), indexed and
+    numbered as :func:`iter_records` would number them reading the whole file."""
+    return _ndjson_items(_range_lines(stream, span), span.first_index)
+
+
+def count_ndjson_range(stream: BinaryIO, span: ByteRange) -> tuple[int, int]:
+    """(records, lines) of ``span``: what a range that follows it must skip."""
+    records = lines = 0
+    for _, line, _, _ in _range_lines(stream, span):
+        lines += 1
+        records += bool(line.strip())
+    return records, lines
 
 
 # ------------------------------------------------------------------------------- CSV
@@ -343,7 +403,7 @@ class _LineFeed:
         return self
 
     def __next__(self) -> str:
-        number, line, too_long = next(self._lines)
+        number, line, too_long, _ = next(self._lines)
         if too_long:
             raise BodyMalformed(
                 f"CSV line {number} is longer than {MAX_LINE_BYTES >> 20} MiB: split the file "
@@ -551,16 +611,41 @@ def _iter_avro_container(stream: BinaryIO) -> Iterator[Item]:
 # ----------------------------------------------------------------------------- Parquet
 
 
-def _iter_parquet(stream: BinaryIO) -> Iterator[Item]:
+def _parquet_file(stream: BinaryIO) -> Any:
     import pyarrow.parquet as pq  # imported here: pyarrow is heavy and only files need it
 
     try:
-        parquet = pq.ParquetFile(stream)
+        return pq.ParquetFile(stream)
     except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
         raise BodyMalformed(f"body is not a Parquet file: {exc}") from None
-    index = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RowGroupRange:
+    """Row groups ``[start, end)`` of a Parquet file, after ``first_index`` rows."""
+
+    start: int
+    end: int
+    first_index: int = 0
+
+
+def parquet_row_groups(stream: BinaryIO) -> list[tuple[int, int]]:
+    """(rows, uncompressed bytes) of each row group, from the file's footer.
+
+    Raises:
+        BodyMalformed: the stream is not a Parquet file.
+    """
+    metadata = _parquet_file(stream).metadata
+    groups = (metadata.row_group(i) for i in range(metadata.num_row_groups))
+    return [(group.num_rows, group.total_byte_size) for group in groups]
+
+
+def _iter_parquet(stream: BinaryIO, span: RowGroupRange | None = None) -> Iterator[Item]:
+    parquet = _parquet_file(stream)
+    groups = None if span is None else list(range(span.start, span.end))
+    index = 0 if span is None else span.first_index
     try:
-        for batch in parquet.iter_batches(batch_size=1024):
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=groups):
             for row in batch.to_pylist():
                 yield index, _plain(row)
                 index += 1
@@ -571,6 +656,11 @@ def _iter_parquet(stream: BinaryIO) -> Iterator[Item]:
             "rows before it were read",
             b"",
         )
+
+
+def parquet_range(stream: BinaryIO, span: RowGroupRange) -> Iterator[Item]:
+    """The records of row groups ``span``, indexed as in the whole file."""
+    return _iter_parquet(stream, span)
 
 
 # --------------------------------------------------------------------------------- API

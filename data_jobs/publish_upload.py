@@ -4,16 +4,19 @@ and hand the rows the stream can no longer take to the history job.
 Started by the uploads Serve app as a Ray task (:func:`start`); calling :func:`start`
 again with the same upload id retries a failed upload (a finished one is left alone).
 
-Design. The file is one object of up to many GB whose rows must be read in order (a
-CSV row can only be found by reading the rows before it), with a verdict per row. So
-one Ray task streams the object (``S3Store.open``: bounded read-ahead), splits it into
-records with ``core.formats.iter_records`` and works through them in batches of
-``batch_rows``: validate, produce the accepted envelopes to ``events.raw`` and the
-rejected rows to ``events.dlq``, wait for Kafka's acknowledgement of both, then write
-the counters to the ``uploads`` row. Memory holds one batch. Reading the file is not a
-Ray Data job: it has no streaming source for a single row-ordered file in Ray 2.60
-(``read_csv`` and friends parallelise over files or Parquet row groups and cannot give a
-per-row reject with its row number).
+Design. The file is one object of up to many GB, with a verdict per row that names
+the row's index in the whole file. A CSV, JSON or Avro file is read by one Ray task in
+one pass (a CSV row can only be found by reading the rows before it): the task streams
+the object (``S3Store.open``: bounded read-ahead), splits it into records with
+``core.formats.iter_records`` and works through them in batches of ``batch_rows``:
+validate, produce the accepted envelopes to ``events.raw`` and the rejected rows to
+``events.dlq``, wait for Kafka's acknowledgement of both, then write the counters to
+the ``uploads`` row. Memory holds one batch. An NDJSON or Parquet file over
+``part_bytes`` is read in parts (``data_jobs/upload_parts.py``: byte ranges, row
+groups), one Ray task per part, each doing the same with its own rows, which keep the
+whole file's indexes; the job's task plans the parts and waits for them. Reading is not
+a Ray Data job: Ray Data (2.60) gives no per-row reject with its row number, and a
+Dataset per batch costs more than validating it.
 
 History. An accepted row stamped before the stream's cutoff for its tenant
 (``data_jobs.history.stream_cutoff_ms``: now less the tenant's lateness, plus
@@ -25,9 +28,10 @@ them into the raw events and recomputes the rollups of their days. The upload is
 
 Idempotence. A row's ``event_id`` comes from the file; a row without one gets
 ``<upload id>-<row index>``, the same on every run. A retried run starts from the
-``rows_read`` counter, which is written only after Kafka acknowledged the batch, so at
-most one batch is published twice, with the same event ids: the partition workers'
-dedup on (source, event_id) drops the second copy.
+``rows_read`` counter (of the upload, or of each part: ``upload_parts``), which is
+written only after Kafka acknowledged the batch, so at most one batch per part is
+published twice, with the same event ids: the partition workers' dedup on
+(source, event_id) drops the second copy.
 
 Tenancy. Every event of a file belongs to the uploader's tenant and comes from the
 upload's source: a row without ``tenant`` gets it, a row naming another tenant is
@@ -38,9 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import orjson
 import ray
@@ -51,10 +55,11 @@ from adapters.publisher import EventPublisher, Outgoing, raw_headers
 from adapters.s3 import S3Config, S3Store
 from adapters.source_stats import SourceStats
 from adapters.sources import SourceCatalog
-from adapters.uploads import Upload, UploadTable
+from adapters.uploads import Upload, UploadPart, UploadTable
 from core.envelope import validate_events
 from core.formats import RecordError, iter_records
 from core.source_mapping import apply_mapping, parse_mapping
+from data_jobs import upload_parts
 from data_jobs.history import (
     STAGING_PREFIX,
     HistoryConfig,
@@ -67,6 +72,7 @@ from data_jobs.history import (
 
 _SEND_ATTEMPTS = 30
 Item: TypeAlias = "tuple[int, Any] | RecordError"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class UploadJobConfig:
     linger_ms: int = 20
     history: HistoryConfig | None = None
     """Where rows behind the stream's watermark go (None: all rows to the stream)."""
+    part_bytes: int = 64 << 20
+    """Size of the parts an NDJSON or Parquet file is read in, one Ray task each."""
     history_margin_ms: int = 5_000
     """How long a record may take from its verdict to Kafka: rows stamped less than this
     much after ``now - lateness`` go to history too (a late row in the stream would be
@@ -225,7 +233,35 @@ def batches(items: Iterator[Item], size: int, skip: int = 0) -> Iterator[list[It
         yield group
 
 
+@dataclass(slots=True)
+class Tally:
+    """Rows of one batch (or of a whole run): read, accepted, rejected, and of the
+    accepted ones, staged for the history job."""
+
+    read: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    historical: int = 0
+
+    def add(self, other: Tally) -> None:
+        self.read += other.read
+        self.accepted += other.accepted
+        self.rejected += other.rejected
+        self.historical += other.historical
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.read, self.accepted, self.rejected, self.historical
+
+
+def _first_index(group: list[Item]) -> int:
+    first = group[0]
+    return first.index if isinstance(first, RecordError) else first[0]
+
+
 class _Job:
+    """One process's share of an upload; built per ``asyncio.run`` (its pools belong
+    to one event loop)."""
+
     def __init__(self, config: UploadJobConfig) -> None:
         self.config = config
         self.table = UploadTable(config.dsn, max_size=1)
@@ -233,26 +269,71 @@ class _Job:
         self.store = S3Store(config.s3)
         self.stats = SourceStats(config.redis_url) if config.redis_url else None
 
-    async def run(self, upload_id: str) -> dict[str, Any]:
+    async def begin(self, upload_id: str) -> Upload | dict[str, Any]:
+        """The upload marked running, or its final row when it is done already."""
         upload = await self.table.start(upload_id)
-        if upload is None:
-            done = await self.table.get(upload_id)
-            if done is None:
-                raise ValueError(f"upload {upload_id!r} does not exist")
-            return done.as_dict()  # published already: a repeated run does nothing
-        try:
-            await self._publish(upload)
-        except Exception as exc:
-            await self.table.finish(upload_id, error=f"{type(exc).__name__}: {exc}")
-            self._record(upload.source, error=str(exc))
-            raise
+        if upload is not None:
+            return upload
+        done = await self.table.get(upload_id)
+        if done is None:
+            raise ValueError(f"upload {upload_id!r} does not exist")
+        return done.as_dict()  # published already: a repeated run does nothing
+
+    async def fail(self, upload: Upload, exc: BaseException) -> None:
+        await self.table.finish(upload.id, error=f"{type(exc).__name__}: {exc}")
+        self._record(upload.source, error=str(exc))
+
+    async def finish(self, upload_id: str) -> dict[str, Any]:
         await self.table.finish(upload_id)
         final = await self.table.get(upload_id)
         assert final is not None
         return final.as_dict()
 
-    async def _publish(self, upload: Upload) -> None:
-        mapping, csv_schema = await self._source_rules(upload)
+    async def parts(self, upload: Upload) -> list[UploadPart] | None:
+        """The stored plan of parts; [] when the upload can be read in parts and has not
+        started (a plan is to be made); None when it is read in one pass."""
+        stored = await self.table.parts(upload.id)
+        if stored or (upload.format in upload_parts.SPLITTABLE and not upload.rows_read):
+            return stored
+        return None  # rows_read without a plan: begun in one pass
+
+    async def plan_parts(self, upload: Upload, parts: list[UploadPart]) -> list[UploadPart]:
+        return await self.table.plan_parts(upload.id, parts)
+
+    async def publish_all(self, upload: Upload) -> None:
+        """Read the whole file in one pass, resuming after the rows already counted."""
+        totals = Tally(*_counters(upload))
+        with self.store.open(upload.object_key) as stream:  # Parquet seeks to its footer
+            rules = await self._source_rules(upload)
+            items = iter_records(upload.format, stream, csv_schema=rules[1])
+            async for step in self._publish(
+                upload, batches(items, self.config.batch_rows, totals.read), rules[0]
+            ):
+                totals.add(step)
+                await self.table.progress(upload.id, *totals.counts())
+
+    async def publish_part(self, upload: Upload, part: UploadPart) -> None:
+        """Read one part, resuming after the part's rows already counted (read again
+        here: a task Ray retries carries the position of its first run)."""
+        stored = {p.part: p for p in await self.table.parts(upload.id)}
+        part = stored.get(part.part, part)
+        if part.done:
+            return
+        read = part.rows_read
+        with self.store.open(upload.object_key) as stream:
+            mapping, _ = await self._source_rules(upload)
+            items = upload_parts.items(upload.format, stream, part)
+            groups = batches(items, self.config.batch_rows, skip=read)
+            async for step in self._publish(upload, groups, mapping):
+                read += step.read
+                await self.table.part_progress(upload.id, part.part, read, step.counts())
+        await self.table.part_done(upload.id, part.part)
+
+    async def _publish(
+        self, upload: Upload, groups: Iterator[list[Item]], mapping: Any
+    ) -> AsyncIterator[Tally]:
+        """Validate and publish each group; yield its tally once Kafka acknowledged it
+        (and its historical rows are staged), for the caller to count."""
         publisher = EventPublisher.connect(
             self.config.bootstrap,
             self.config.raw_topic,
@@ -260,37 +341,34 @@ class _Job:
             linger_ms=self.config.linger_ms,
             queue_max_messages=max(100_000, 4 * self.config.batch_rows),
         )
-        read, accepted, rejected = upload.rows_read, upload.rows_accepted, upload.rows_rejected
-        historical = upload.rows_historical
         history = self.config.history
         try:
-            # ranged reads as consumed; Parquet seeks to its footer first
-            with self.store.open(upload.object_key) as stream:
-                items = iter_records(upload.format, stream, csv_schema=csv_schema)
-                for group in batches(items, self.config.batch_rows, skip=read):
-                    now_ms = int(time.time() * 1000)
-                    batch = split_batch(group, upload, now_ms, mapping)
-                    old: list[Record] = []
-                    if history is not None and batch.raw:
-                        lateness = history.processing.lateness
-                        margin = self.config.history_margin_ms
-                        cutoff = stream_cutoff_ms(upload.tenant, now_ms, lateness, margin)
-                        batch.raw, old = split_history(batch.raw, cutoff)
-                        if old:  # staged before the counters say the group is read
-                            stage(self.store, staged_key(upload.id, read), old)
-                            historical += len(old)
-                    await self._send(publisher, batch)
-                    read += len(group)
-                    accepted += len(batch.accepted) + len(old)
-                    rejected += len(batch.rejected)
-                    await self.table.progress(upload.id, read, accepted, rejected, historical)
-                    self._record(upload.source, len(batch.accepted), len(batch.rejected))
+            for group in groups:
+                now_ms = int(time.time() * 1000)
+                batch = split_batch(group, upload, now_ms, mapping)
+                old: list[Record] = []
+                if history is not None and batch.raw:
+                    lateness = history.processing.lateness
+                    margin = self.config.history_margin_ms
+                    cutoff = stream_cutoff_ms(upload.tenant, now_ms, lateness, margin)
+                    batch.raw, old = split_history(batch.raw, cutoff)
+                    if old:  # staged before the counters say the group is read
+                        stage(self.store, staged_key(upload.id, _first_index(group)), old)
+                await self._send(publisher, batch)
+                self._record(upload.source, len(batch.accepted), len(batch.rejected))
+                yield Tally(
+                    len(group), len(batch.accepted) + len(old), len(batch.rejected), len(old)
+                )
         finally:
             publisher.close(5)
-        if history is not None:
-            keys = self.store.all_keys(f"{STAGING_PREFIX}{upload.id}/")
-            result = await asyncio.to_thread(run_history, history, keys)
-            await self.table.history_done(upload.id, result.written, result.stored_already)
+
+    async def history(self, upload: Upload) -> None:
+        """Count the staged historical rows (when the job has a history stage)."""
+        if self.config.history is None:
+            return
+        keys = self.store.all_keys(f"{STAGING_PREFIX}{upload.id}/")
+        result = await asyncio.to_thread(run_history, self.config.history, keys)
+        await self.table.history_done(upload.id, result.written, result.stored_already)
 
     async def _source_rules(self, upload: Upload) -> tuple[Any, Any]:
         """The source's payload mapping (None: rows are envelopes) and, for CSV, the
@@ -339,28 +417,88 @@ class _Job:
             self.stats.close()
 
 
-def publish_upload(config: UploadJobConfig, upload_id: str) -> dict[str, Any]:
-    """Publish the upload's rows; return its final ``uploads`` row as a dict.
+def _counters(upload: Upload) -> tuple[int, int, int, int]:
+    return upload.rows_read, upload.rows_accepted, upload.rows_rejected, upload.rows_historical
 
-    Raises:
-        StoreUnavailable: S3, Kafka or PostgreSQL failed; the row says ``failed`` and a
-            retry resumes after the last acknowledged batch.
-    """
 
-    async def main() -> dict[str, Any]:
+def _in_job(config: UploadJobConfig, work: Callable[[_Job], Awaitable[T]]) -> T:
+    """Run ``work`` on a fresh job (pools, producer) in its own event loop."""
+
+    async def main() -> T:
         job = _Job(config)
         try:
-            return await job.run(upload_id)
+            return await work(job)
         finally:
             await job.close()
 
     return asyncio.run(main())
 
 
+def publish_upload(config: UploadJobConfig, upload_id: str) -> dict[str, Any]:
+    """Publish the upload's rows; return its final ``uploads`` row as a dict.
+
+    An NDJSON or Parquet file of more than one part is read by one Ray task per part
+    (``data_jobs/upload_parts.py``), as many at once as the cluster has CPUs; this task
+    waits for them in ``ray.wait``, which lends its CPU to them meanwhile.
+
+    Raises:
+        StoreUnavailable: S3, Kafka or PostgreSQL failed; the row says ``failed`` and a
+            retry resumes after the last acknowledged batch (of every part).
+    """
+    started = _in_job(config, lambda job: job.begin(upload_id))
+    if isinstance(started, dict):
+        return started
+    upload = started
+    try:
+        parts = _in_job(config, lambda job: job.parts(upload))
+        if parts == []:
+            # Planned on this thread: a Ray task lends its CPU to the tasks it waits for
+            # only while its main thread waits (a thread's ray.get keeps it: deadlock
+            # on a one-CPU cluster).
+            new = upload_parts.plan(S3Store(config.s3), upload, config.part_bytes)
+            parts = _in_job(config, lambda job: job.plan_parts(upload, new))
+        if parts is None:
+            _in_job(config, lambda job: job.publish_all(upload))
+        else:
+            _publish_parts(config, upload, [part for part in parts if not part.done])
+        _in_job(config, lambda job: job.history(upload))
+    except Exception as exc:
+        error = exc
+        _in_job(config, lambda job: job.fail(upload, error))
+        raise
+    return _in_job(config, lambda job: job.finish(upload_id))
+
+
+def publish_part(config: UploadJobConfig, upload: Upload, part: UploadPart) -> None:
+    """Publish one part of an upload (a Ray task of :func:`publish_upload`)."""
+    _in_job(config, lambda job: job.publish_part(upload, part))
+
+
+def _publish_parts(config: UploadJobConfig, upload: Upload, parts: list[UploadPart]) -> None:
+    """Publish the parts, in parallel tasks when there are several; raise the first
+    failure once every part has stopped (a retry must not meet a part still running)."""
+    if len(parts) == 1:
+        publish_part(config, upload, parts[0])
+        return
+    pending = [_remote_part.remote(config, upload, part) for part in parts]
+    failure: BaseException | None = None
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:
+            failure = failure or exc.as_instanceof_cause()
+    if failure is not None:
+        raise failure
+
+
 # Retried on store outages only: a bad file fails the same way every time.
 _remote_publish = ray.remote(  # type: ignore[call-overload]
     num_cpus=1, max_retries=3, retry_exceptions=[StoreUnavailable]
 )(publish_upload)
+_remote_part = ray.remote(  # type: ignore[call-overload]
+    num_cpus=1, max_retries=3, retry_exceptions=[StoreUnavailable]
+)(publish_part)
 
 
 def start(config: UploadJobConfig, upload_id: str) -> ray.ObjectRef[dict[str, Any]]:

@@ -15,10 +15,10 @@ upload of 8 MiB parts while it arrives. Answers:
 * 415 for a format that is not one of the four;
 * 503 with ``Retry-After`` when S3 or PostgreSQL fails.
 
-``GET /v1/uploads/{id}`` reports the upload's state and counters, and where its
-rejected rows went (``rejected_to``: the dead-letter topic and the header that marks
-this upload's dead letters). Another tenant's upload is answered 404, like one that
-does not exist.
+``GET /v1/uploads/{id}`` reports the upload's state and counters (and ``parts``, total
+and done, for a file read in parts), and where its rejected rows went (``rejected_to``:
+the dead-letter topic and the header that marks this upload's dead letters). Another
+tenant's upload is answered 404, like one that does not exist.
 
 This module does not depend on Ray Serve: the Serve deployment
 (``serve_apps/uploads.py``) and :func:`standalone_app` (uvicorn, tests) both wrap
@@ -107,9 +107,13 @@ def object_key(tenant: str, upload_id: str, filename: str) -> str:
     return f"uploads/{tenant}/{upload_id}/{safe_filename(filename)}"
 
 
-def status_body(upload: Upload, dlq_topic: str) -> dict[str, Any]:
-    """The answer of ``GET /v1/uploads/{id}``."""
+def status_body(
+    upload: Upload, dlq_topic: str, parts: tuple[int, int] = (0, 0)
+) -> dict[str, Any]:
+    """The answer of ``GET /v1/uploads/{id}``; ``parts`` (total, done) of a file read in
+    parts, shown as ``{"total", "done"}`` (``null`` for a file read in one pass)."""
     body = upload.as_dict()
+    body["parts"] = {"total": parts[0], "done": parts[1]} if parts[0] else None
     body["status_url"] = f"{ROUTE_PREFIX}/{upload.id}"
     body["rejected_to"] = {"topic": dlq_topic, "headers": {"origin.upload": upload.id}}
     return body
@@ -154,13 +158,14 @@ class UploadsHandler:
                     404, f"no upload {upload_id[:80]!r}: an upload id is 32 hex digits"
                 )
             upload = await self._table.get(upload_id, tenant)
+            if upload is None:
+                return _json_error(404, f"no upload {upload_id!r} of your tenant")
+            parts = await self._table.part_counts(upload_id)
         except AuthFailed as exc:
             return _json_error(exc.status, str(exc))
         except StoreUnavailable as exc:
             return _json_error(503, str(exc), retry_after=5)
-        if upload is None:
-            return _json_error(404, f"no upload {upload_id!r} of your tenant")
-        return _json(status_body(upload, self._config.dlq_topic))
+        return _json(status_body(upload, self._config.dlq_topic, parts))
 
     async def _accept(self, request: Request, tenant: str) -> Upload:
         source_name = request.query_params.get("source")

@@ -33,6 +33,7 @@ from tests.integration.conftest import eventually, pg, rayline, read_matching
 
 SMALL_LIMIT = 9 * 1024 * 1024  # over one 8 MiB part, so a refused upload had a part to abort
 AVRO = "application/vnd.apache.avro+container"
+PART_BYTES = 64 * 1024
 TS = "2026-01-01T00:00:{:02d}+00:00"
 
 
@@ -70,10 +71,10 @@ def _serve(config: UploadsConfig) -> tuple[uvicorn.Server, threading.Thread, str
 
 
 @pytest.fixture(scope="module")
-def apis(services: Settings, local_ray: None) -> Iterator[dict[str, httpx.Client]]:
-    """Clients of two uploads apps: the default limit and :data:`SMALL_LIMIT`."""
+def job(services: Settings) -> publish_upload.UploadJobConfig:
+    """The upload job's settings: NDJSON and Parquet files over 64 KiB come in parts."""
     s = services
-    job = publish_upload.UploadJobConfig(
+    return publish_upload.UploadJobConfig(
         s3=S3Config.of(s.s3),
         dsn=s.postgres.dsn(),
         bootstrap=s.kafka.bootstrap,
@@ -81,7 +82,16 @@ def apis(services: Settings, local_ray: None) -> Iterator[dict[str, httpx.Client
         dlq_topic=s.kafka.dlq_topic,
         redis_url=s.redis.url(),
         batch_rows=3000,
+        part_bytes=PART_BYTES,
     )
+
+
+@pytest.fixture(scope="module")
+def apis(
+    services: Settings, local_ray: None, job: publish_upload.UploadJobConfig
+) -> Iterator[dict[str, httpx.Client]]:
+    """Clients of two uploads apps: the default limit and :data:`SMALL_LIMIT`."""
+    s = services
     base = UploadsConfig(
         dsn=s.postgres.dsn(),
         s3=S3Config.of(s.s3),
@@ -240,9 +250,10 @@ def test_csv_of_20k_rows_lands_in_s3_and_kafka_with_its_bad_rows_dead_lettered(
             lines.append(f"c{i},click,{TS.format(i % 60)},dev{i % 50}")
             good.add(f"c{i}")
     data = ("\n".join(lines) + "\n").encode()
-    _publish_and_check(
+    status = _publish_and_check(
         services, apis["default"], store, owner, "day.csv", "text/csv", data, good, bad
     )
+    assert status["parts"] is None  # CSV: one pass
 
 
 def test_ndjson_rows_of_another_tenant_or_broken_are_rejected(services, apis, store, owner):
@@ -424,3 +435,167 @@ def test_cli_upload_streams_the_file_and_exits_2_when_rows_were_rejected(
     )
     assert refused.returncode == 1
     assert "401" in refused.stderr
+
+
+def _parts(settings: Settings, upload_id: str) -> list[dict[str, Any]]:
+    rows = pg(
+        settings,
+        "SELECT part, first_index, first_line, rows_read, done FROM upload_parts "
+        "WHERE upload_id = $1 ORDER BY part",
+        upload_id,
+    )
+    return [dict(row) for row in rows]
+
+
+def test_ndjson_over_a_part_is_read_in_parts_with_the_whole_files_indexes_and_lines(
+    services, apis, store, owner, job, local_ray
+):
+    """Parts split the file at byte offsets wherever they fall: in a line, in a run of
+    blank lines, in a line over the 1 MiB limit that spans many parts. Every row lands
+    once, with the index and line of the whole file; then a part undone is read again
+    by a retried job, which restores the counters and publishes only that part."""
+    lines: list[bytes] = []
+    good: dict[int, str] = {}  # row index -> event id
+    bad: dict[int, int] = {}  # row index -> line number
+    index = 0
+    for i in range(4000):
+        if i % 333 == 5:
+            lines += [b"", b"   "]  # blank: not rows, but lines
+        if i == 2100:
+            lines.append(b'{"huge": "' + b"x" * ((1 << 20) + 10) + b'"}')
+            bad[index] = len(lines)
+            index += 1
+        row: dict[str, Any] = {"type": "view", "ts": TS.format(i % 60), "entity": f"p{i % 7}"}
+        if i % 500 == 99:
+            lines.append(orjson.dumps(row)[:-3])  # cut short: not JSON
+            bad[index] = len(lines)
+        else:
+            lines.append(orjson.dumps(row))
+            good[index] = ""
+        index += 1
+    data = b"\r\n".join(lines) + b"\n"
+    _, key, source = owner
+    raw_start = end_offsets(services.kafka.bootstrap, services.kafka.raw_topic)
+    dlq_start = end_offsets(services.kafka.bootstrap, services.kafka.dlq_topic)
+    answer = _upload(apis["default"], key, source, "big.ndjson", "application/x-ndjson", data)
+    assert answer.status_code == 202, answer.text
+    upload_id = answer.json()["id"]
+    status = _finished(apis["default"], key, answer.json()["status_url"])
+    assert (status["rows_read"], status["rows_accepted"], status["rows_rejected"]) == (
+        index,
+        len(good),
+        len(bad),
+    )
+    parts = _parts(services, upload_id)
+    assert len(parts) >= len(data) // PART_BYTES, parts
+    assert status["parts"] == {"total": len(parts), "done": len(parts)}
+    assert all(p["done"] for p in parts)
+    assert sum(p["rows_read"] for p in parts) == index
+
+    expected_ids = {f"{upload_id}-{i}" for i in good}
+    raw = read_matching(
+        services,
+        services.kafka.raw_topic,
+        raw_start,
+        lambda m: orjson.loads(m.value()).get("source") == source,
+        len(good) + 1,  # one more than sent: waits out the timeout, finds any copy
+        timeout=5,  # the upload is done: Kafka acknowledged every row
+    )
+    ids = [orjson.loads(m.value())["event_id"] for m in raw]
+    assert sorted(ids) == sorted(expected_ids)  # each once
+    dead = read_matching(
+        services,
+        services.kafka.dlq_topic,
+        dlq_start,
+        lambda m: dict(m.headers() or []).get("origin.upload") == upload_id.encode(),
+        len(bad),
+    )
+    reasons = {
+        int(h["origin.index"]): h["reason"]
+        for h in ({k: v.decode() for k, v in m.headers()} for m in dead)
+    }
+    assert reasons.keys() == bad.keys()
+    for at, line in bad.items():
+        assert reasons[at].startswith(f"line {line} "), (at, line, reasons[at])
+
+    # A part undone (its counts taken back), the upload failed: a retry reads that part.
+    redo = parts[1]
+    rows = redo["rows_read"]
+    first = redo["first_index"]
+    rejected = sum(first <= at < first + rows for at in bad)
+    pg(
+        services,
+        "UPDATE upload_parts SET rows_read = 0, done = false WHERE upload_id = $1 AND part = $2",
+        upload_id,
+        redo["part"],
+    )
+    pg(
+        services,
+        "UPDATE uploads SET state = 'failed', rows_read = rows_read - $2, "
+        "rows_accepted = rows_accepted - $2 + $3, rows_rejected = rows_rejected - $3 "
+        "WHERE id = $1",
+        upload_id,
+        rows,
+        rejected,
+    )
+    raw_again = end_offsets(services.kafka.bootstrap, services.kafka.raw_topic)
+    final = ray.get(publish_upload.start(job, upload_id), timeout=120)
+    assert (final["state"], final["rows_read"], final["rows_accepted"]) == (
+        "done",
+        index,
+        len(good),
+    )
+    assert final["rows_rejected"] == len(bad)
+    again = read_matching(
+        services,
+        services.kafka.raw_topic,
+        raw_again,
+        lambda m: orjson.loads(m.value()).get("source") == source,
+        rows - rejected + 1,
+        timeout=5,
+    )
+    assert sorted(orjson.loads(m.value())["event_id"] for m in again) == sorted(
+        f"{upload_id}-{at}" for at in range(first, first + rows) if at in good
+    )
+
+
+def test_parquet_of_many_row_groups_is_read_in_parts(services, apis, store, owner):
+    count = 12_000
+    table = pa.table(
+        {
+            "type": ["sale" if i % 1000 != 17 else "bad type!" for i in range(count)],
+            "ts": [TS.format(i % 60) for i in range(count)],
+            "entity": [f"shop-{i % 4}-" + "x" * 40 for i in range(count)],
+            "value": [float(i) for i in range(count)],
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=1000, compression="zstd")
+    _, key, source = owner
+    raw_start = end_offsets(services.kafka.bootstrap, services.kafka.raw_topic)
+    answer = _upload(
+        apis["default"],
+        key,
+        source,
+        "s.parquet",
+        "application/vnd.apache.parquet",
+        buffer.getvalue(),
+    )
+    assert answer.status_code == 202, answer.text
+    upload_id = answer.json()["id"]
+    status = _finished(apis["default"], key, answer.json()["status_url"])
+    bad = {i for i in range(count) if i % 1000 == 17}
+    assert (status["rows_read"], status["rows_rejected"]) == (count, len(bad))
+    parts = _parts(services, upload_id)
+    assert len(parts) > 1, parts
+    assert all(p["done"] for p in parts), parts
+    assert [p["first_index"] for p in parts] == sorted({p["first_index"] for p in parts})
+    raw = read_matching(
+        services,
+        services.kafka.raw_topic,
+        raw_start,
+        lambda m: orjson.loads(m.value()).get("source") == source,
+        count - len(bad),
+    )
+    ids = sorted(orjson.loads(m.value())["event_id"] for m in raw)
+    assert ids == sorted(f"{upload_id}-{i}" for i in range(count) if i not in bad)

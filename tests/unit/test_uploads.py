@@ -150,6 +150,13 @@ def test_cli_status_line_shows_the_counters() -> None:
     assert line == "upload u1: running · 12,000 rows read · 11,990 accepted · 10 rejected"
 
 
+def test_cli_status_line_shows_the_parts_of_a_file_read_in_parts() -> None:
+    body = {"id": "u1", "state": "running", "rows_read": 5, "rows_accepted": 5}
+    body |= {"rows_rejected": 0, "parts": {"total": 8, "done": 3}}
+    assert render_status(body).endswith("· 5 accepted · 0 rejected · parts 3/8 done")
+    assert "parts" not in render_status({**body, "parts": None})
+
+
 def test_cli_status_line_says_how_many_rows_the_history_job_counted() -> None:
     body = {"id": "u1", "state": "done", "rows_read": 3000, "rows_accepted": 3000}
     body |= {"rows_rejected": 0, "rows_historical": 2500, "history_written": 2400}
