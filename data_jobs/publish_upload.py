@@ -456,7 +456,10 @@ def publish_upload(config: UploadJobConfig, upload_id: str) -> dict[str, Any]:
             # only while its main thread waits (a thread's ray.get keeps it: deadlock
             # on a one-CPU cluster).
             new = upload_parts.plan(S3Store(config.s3), upload, config.part_bytes)
-            parts = _in_job(config, lambda job: job.plan_parts(upload, new))
+            if len(new) > 1:  # a file of one part is read in one pass, with no plan
+                parts = _in_job(config, lambda job: job.plan_parts(upload, new))
+            else:
+                parts = None
         if parts is None:
             _in_job(config, lambda job: job.publish_all(upload))
         else:

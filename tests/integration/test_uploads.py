@@ -287,6 +287,7 @@ def test_ndjson_rows_of_another_tenant_or_broken_are_rejected(services, apis, st
         bad,
     )
     assert status["format"] == "ndjson"
+    assert status["parts"] is None  # under one part: one pass, no plan stored
 
 
 def test_avro_container_rows_without_ids_get_stable_ones(services, apis, store, owner):

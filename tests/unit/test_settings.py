@@ -179,6 +179,8 @@ def test_scale_refuses_zero_workers_before_touching_the_cluster() -> None:
         ("RAYLINE_PIPELINE__ALLOWED_LATENESS_BY_TENANT", '["iot-*"]', "valid dictionary"),
         ("RAYLINE_PIPELINE__MAX_FUTURE_SKEW_SECONDS", "-5", "greater than or equal to 0"),
         ("RAYLINE_PIPELINE__MAX_TENANTS_PER_PARTITION", "0", "greater than or equal to 1"),
+        ("RAYLINE_INGEST__UPLOAD_PART_BYTES", "1000", "greater than or equal to 65536"),
+        ("RAYLINE_INGEST__UPLOAD_PART_BYTES", "64MiB", "valid integer"),
     ],
 )
 def test_bad_storage_query_and_watermark_settings_are_rejected(
@@ -197,3 +199,11 @@ def test_lateness_by_tenant_reaches_the_workers_in_order(monkeypatch: pytest.Mon
     lateness = processing_config(load_settings()).lateness
     assert [lateness.of(t) for t in ("iot-slow", "iot-fast", "web")] == [3_600_000, 60_000, 5_000]
     assert lateness.most_ms == 3_600_000
+
+
+def test_upload_part_bytes_reaches_the_upload_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cluster.deploy import uploads_config
+
+    monkeypatch.setenv("RAYLINE_INGEST__UPLOAD_PART_BYTES", str(8 << 20))
+    start_job = uploads_config(load_settings()).start_job
+    assert start_job.args[0].part_bytes == 8 << 20  # type: ignore[attr-defined]
